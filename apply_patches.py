@@ -1,0 +1,9 @@
+#!/usr/bin/env python3
+"""stackpatch command line: `python apply_patches.py --check | --apply | --verify | --revert`."""
+
+import sys
+
+from patches.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())

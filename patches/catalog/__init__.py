@@ -1,0 +1,1 @@
+"""One module per patch. Each defines a module-level `PATCH`; the registry finds them."""

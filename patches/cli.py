@@ -1,0 +1,227 @@
+"""The command line: locate → plan → transact → report.
+
+Exit codes: 0 fine, 1 problems found, 2 usage or environment error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import traceback
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from rich.console import Console
+
+from patches import __version__
+from patches.environment import Environment, locate
+from patches.errors import StackpatchError, UsageError
+from patches.manifest import Manifest
+from patches.model import Patch
+from patches.plan import make_plan
+from patches.registry import load_patches, parse_id_list, select
+from patches.report import Report, problems_for, render
+from patches.status_doc import load_records, render_status
+from patches.store import StateStore
+from patches.transaction import Outcome, apply_plan, revert
+
+COMMANDS = ("check", "apply", "verify", "revert", "diff", "validation-status")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(f"{message} (see --help)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="apply_patches.py",
+        description="Version-aware patches for transformers, peft and bitsandbytes "
+        "(Gemma 4 fine-tuning on one GPU).",
+        epilog="Exit codes: 0 fine, 1 problems found, 2 usage or environment error.",
+    )
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument(
+        "--check",
+        dest="command",
+        action="store_const",
+        const="check",
+        help="report each patch's state (the default)",
+    )
+    mode.add_argument(
+        "--apply",
+        dest="command",
+        action="store_const",
+        const="apply",
+        help="apply every pending patch, all or nothing",
+    )
+    mode.add_argument(
+        "--verify",
+        dest="command",
+        action="store_const",
+        const="verify",
+        help="exit 1 unless every recommended in-range patch is applied and unchanged",
+    )
+    mode.add_argument(
+        "--revert",
+        dest="command",
+        action="store_const",
+        const="revert",
+        help="restore the original files byte for byte",
+    )
+    mode.add_argument(
+        "--diff",
+        dest="command",
+        action="store_const",
+        const="diff",
+        help="print the unified diff --apply would make",
+    )
+    mode.add_argument(
+        "--validation-status",
+        dest="command",
+        action="store_const",
+        const="validation-status",
+        help="print VALIDATION-STATUS.md",
+    )
+    parser.add_argument(
+        "--only", default="", metavar="IDS", help="comma-separated patch ids, e.g. P4,P10"
+    )
+    parser.add_argument(
+        "--skip", default="", metavar="IDS", help="comma-separated patch ids to leave out"
+    )
+    parser.add_argument(
+        "--include-historical",
+        action="store_true",
+        help="also consider historical patches (off by default)",
+    )
+    target = parser.add_mutually_exclusive_group()
+    target.add_argument(
+        "--python", metavar="PATH", help="patch the environment of this interpreter"
+    )
+    target.add_argument(
+        "--site-packages",
+        metavar="DIR",
+        help="patch the packages installed in this directory (pip install --target)",
+    )
+    parser.add_argument(
+        "--json", action="store_true", help="print the report as JSON (schema in README)"
+    )
+    parser.add_argument("-q", "--quiet", action="store_true", help="print problems only")
+    parser.add_argument("--version", action="version", version=f"stackpatch {__version__}")
+    parser.set_defaults(command="check")
+    return parser
+
+
+@dataclass(frozen=True)
+class Options:
+    command: str
+    patches: tuple[Patch, ...]
+    include_historical: bool
+    python: str | None
+    site_packages: str | None
+    json: bool
+    quiet: bool
+
+    @property
+    def selected_ids(self) -> set[str]:
+        return {p.id for p in self.patches}
+
+
+def parse_options(argv: Sequence[str]) -> Options:
+    args = build_parser().parse_args(argv)
+    only, skip = parse_id_list(args.only), parse_id_list(args.skip)
+    chosen = select(load_patches(), only, skip)
+    if not chosen:
+        raise UsageError("--only/--skip left no patch to work on")
+    return Options(
+        command=args.command,
+        patches=chosen,
+        include_historical=args.include_historical
+        or any(not p.recommended for p in chosen if p.id in only),
+        python=args.python,
+        site_packages=args.site_packages,
+        json=args.json,
+        quiet=args.quiet,
+    )
+
+
+def _interrupted_apply(manifest: Manifest) -> tuple[str, ...]:
+    if not manifest.in_flight:
+        return ()
+    return (
+        "an earlier --apply was interrupted while writing "
+        f"{', '.join(r.path for r in manifest.in_flight)}; run --revert, then --apply",
+    )
+
+
+def _assess(
+    options: Options, env: Environment, manifest: Manifest, outcome: Outcome | None
+) -> Report:
+    plan = make_plan(options.patches, env, manifest, options.include_historical)
+    command = "verify" if options.command == "verify" else "check"
+    problems = _interrupted_apply(manifest) + problems_for(command, plan.assessments)
+    return Report(
+        command=options.command,
+        tool_version=__version__,
+        environment=env,
+        assessments=plan.assessments,
+        problems=problems,
+        written=outcome.written if outcome else (),
+        dropped=outcome.dropped if outcome else (),
+    )
+
+
+def run(options: Options, out: Console) -> int:
+    if options.command == "validation-status":
+        out.file.write(render_status(load_patches(), load_records()))
+        return 0
+    env = locate({p.package for p in options.patches}, options.python, options.site_packages)
+    store = StateStore(env.site_packages, env.state_dir)
+    outcome: Outcome | None = None
+    if options.command in ("apply", "revert"):
+        with store.locked():
+            manifest = store.load(__version__)
+            if options.command == "apply":
+                if manifest.in_flight:
+                    raise StackpatchError(_interrupted_apply(manifest)[0])
+                plan = make_plan(options.patches, env, manifest, options.include_historical)
+                outcome = apply_plan(plan, manifest, store, __version__)
+            else:
+                only = None if len(options.patches) == len(load_patches()) else options.selected_ids
+                outcome = revert(manifest, store, __version__, only)
+            manifest = store.load(__version__)
+    else:
+        manifest = store.load(__version__)
+    if options.command == "diff":
+        plan = make_plan(options.patches, env, manifest, options.include_historical)
+        out.file.write(plan.diff())
+        return 0
+    report = _assess(options, env, manifest, outcome)
+    if options.json:
+        out.file.write(report.to_json() + "\n")
+    else:
+        render(report, out, options.quiet)
+    return 0 if report.ok else 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    out = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
+    try:
+        options = parse_options(sys.argv[1:] if argv is None else argv)
+        return run(options, out)
+    except StackpatchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("error: interrupted; any partial apply was rolled back", file=sys.stderr)
+        return 130
+    except Exception as exc:  # a traceback is a bug: say so in one line, show it on request
+        if os.environ.get("STACKPATCH_DEBUG"):
+            traceback.print_exc()
+        print(
+            f"error: internal error ({exc.__class__.__name__}: {exc}); nothing further was "
+            "changed: rerun with STACKPATCH_DEBUG=1 and report the traceback",
+            file=sys.stderr,
+        )
+        return 2

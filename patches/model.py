@@ -1,0 +1,106 @@
+"""The vocabulary of stackpatch: patches, their targets, and the states a patch can be in."""
+
+from __future__ import annotations
+
+import enum
+import re
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from packaging.specifiers import SpecifierSet
+from packaging.version import Version
+
+if TYPE_CHECKING:
+    from patches.transform import PatchTransform
+
+PATCH_ID_PATTERN = re.compile(r"^P[1-9][0-9]*$")
+
+
+class Status(str, enum.Enum):
+    """How well a patch is established, as its author claims it."""
+
+    CONFIRMED = "confirmed"
+    UPSTREAMABLE = "upstreamable"
+    HISTORICAL = "historical"
+
+
+class State(str, enum.Enum):
+    """Where a patch stands in one environment."""
+
+    APPLIED = "applied"
+    PENDING = "pending"
+    FIXED_UPSTREAM = "fixed-upstream"
+    TARGET_MISSING = "target-missing"
+    NOT_INSTALLED = "not-installed"
+    DRIFTED = "drifted"
+    SKIPPED = "skipped"
+
+
+@dataclass(frozen=True)
+class Target:
+    """One file a patch rewrites, and the transform that rewrites it.
+
+    `path` is relative to the site-packages directory that holds the distribution,
+    e.g. ``transformers/models/gemma4/modeling_gemma4.py``.
+    """
+
+    path: str
+    transform: type[PatchTransform]
+
+
+@dataclass(frozen=True)
+class Patch:
+    """A declarative description of one fix to an installed distribution."""
+
+    id: str
+    slug: str
+    title: str
+    package: str
+    # A packaging specifier for the releases that have the bug, e.g. ">=5.5.0,<5.6.0".
+    affected: str
+    status: Status
+    targets: tuple[Target, ...]
+    rationale: str
+    references: tuple[str, ...] = ()
+    reproducer: str | None = None
+    historical_reason: str | None = None
+
+    def __post_init__(self) -> None:
+        if not PATCH_ID_PATTERN.match(self.id):
+            raise ValueError(f"patch id {self.id!r} must look like P12")
+        SpecifierSet(self.affected)  # raises InvalidSpecifier on a typo
+        if not self.targets:
+            raise ValueError(f"patch {self.id} has no targets")
+        if self.status is Status.HISTORICAL and not self.historical_reason:
+            raise ValueError(f"historical patch {self.id} must say why it is historical")
+
+    @property
+    def number(self) -> int:
+        return int(self.id[1:])
+
+    @property
+    def recommended(self) -> bool:
+        return self.status is not Status.HISTORICAL
+
+    def affects(self, version: str) -> bool:
+        return SpecifierSet(self.affected).contains(Version(version), prereleases=True)
+
+
+@dataclass(frozen=True)
+class Assessment:
+    """The state of one patch in one environment, with what the engine learned on the way."""
+
+    patch: Patch
+    state: State
+    installed_version: str | None
+    detail: str = ""
+    files: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def is_problem_for_verify(self) -> bool:
+        # Historical patches only reach this point when the user asked for them.
+        return self.state in (State.PENDING, State.TARGET_MISSING, State.DRIFTED)
+
+    @property
+    def is_problem_for_check(self) -> bool:
+        return self.state in (State.TARGET_MISSING, State.DRIFTED)

@@ -1,0 +1,49 @@
+"""Find every patch module in `patches.catalog`; adding a patch needs no edit here."""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from collections.abc import Iterable, Sequence
+from types import ModuleType
+
+from patches import catalog
+from patches.errors import UsageError
+from patches.model import Patch
+
+
+def _catalog_modules() -> Iterable[ModuleType]:
+    for info in sorted(pkgutil.iter_modules(catalog.__path__), key=lambda i: i.name):
+        if not info.name.startswith("_"):
+            yield importlib.import_module(f"{catalog.__name__}.{info.name}")
+
+
+def load_patches() -> tuple[Patch, ...]:
+    """All patches in the catalog, ordered by their number."""
+    patches: dict[str, Patch] = {}
+    for module in _catalog_modules():
+        patch = getattr(module, "PATCH", None)
+        if not isinstance(patch, Patch):
+            raise TypeError(f"{module.__name__} defines no PATCH")
+        if patch.id in patches:
+            raise TypeError(f"{module.__name__} reuses patch id {patch.id}")
+        patches[patch.id] = patch
+    return tuple(sorted(patches.values(), key=lambda p: p.number))
+
+
+def parse_id_list(text: str) -> list[str]:
+    return [part.strip().upper() for part in text.split(",") if part.strip()]
+
+
+def select(
+    patches: Sequence[Patch], only: Sequence[str] = (), skip: Sequence[str] = ()
+) -> tuple[Patch, ...]:
+    """The patches named by --only (all when empty), less those named by --skip."""
+    known = {p.id for p in patches}
+    unknown = sorted({*only, *skip} - known, key=lambda i: (len(i), i))
+    if unknown:
+        raise UsageError(
+            f"unknown patch id {', '.join(unknown)}; known ids: {', '.join(p.id for p in patches)}"
+        )
+    chosen = [p for p in patches if not only or p.id in only]
+    return tuple(p for p in chosen if p.id not in skip)

@@ -1,0 +1,197 @@
+"""The base every patch transform derives from, and the shape classification built on it.
+
+A transform is a libcst codemod in the style of libcst's own commands: it locates its
+target with matchers, rewrites it in `leave_*` methods and counts what it rewrote. On top
+of that it can recognise the already-patched shape (marker comments naming the patch) and,
+where one exists, the shape upstream shipped as its own fix.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from dataclasses import dataclass
+from typing import ClassVar, TypeVar
+
+import libcst as cst
+import libcst.matchers as m
+from libcst.codemod import CodemodContext, SkipFile, VisitorBasedCodemodCommand
+
+MARKER_PREFIX = "# stackpatch"
+Definition = TypeVar("Definition", cst.ClassDef, cst.FunctionDef)
+
+
+def marker_pattern(patch_id: str) -> re.Pattern[str]:
+    return re.compile(rf"#\s*stackpatch\s+{re.escape(patch_id)}\b")
+
+
+ANY_MARKER = re.compile(r"#\s*stackpatch\s+P[0-9]+\b")
+
+
+class ShapeKind(str, enum.Enum):
+    ORIGINAL = "original"
+    PATCHED = "patched"
+    FIXED_UPSTREAM = "fixed-upstream"
+    MISSING = "missing"
+
+
+@dataclass(frozen=True)
+class Shape:
+    kind: ShapeKind
+    new_module: cst.Module | None = None
+    detail: str = ""
+
+
+class PatchTransform(VisitorBasedCodemodCommand):
+    """A codemod that applies one patch to one file.
+
+    Subclasses rewrite in `leave_*` methods, call `self.count_rewrite()` for each site
+    they change, and mark every changed line with `self.marker()`.
+    """
+
+    DESCRIPTION: ClassVar[str] = ""
+    # How many places the transform must rewrite; fewer means the code has moved on.
+    SITES: ClassVar[int] = 1
+    # The class/function names enclosing the target, outermost first, e.g. ("Int8Params",
+    # "__new__"). Definitions off this path are not descended into: that keeps a transform
+    # over a 5,000-line modeling file fast. Empty means the whole module is visited.
+    SCOPE: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, context: CodemodContext, patch_id: str) -> None:
+        super().__init__(context)
+        self.patch_id = patch_id
+        self.rewritten = 0
+        self._enclosing: list[str] = []
+
+    def _enter(self, name: str) -> bool:
+        depth = len(self._enclosing)
+        self._enclosing.append(name)
+        return not self.SCOPE or (depth < len(self.SCOPE) and self.SCOPE[depth] == name)
+
+    def visit_ClassDef(self, node: cst.ClassDef) -> bool:
+        return self._enter(node.name.value)
+
+    def visit_FunctionDef(self, node: cst.FunctionDef) -> bool:
+        return self._enter(node.name.value)
+
+    def leave_ClassDef(
+        self, original_node: cst.ClassDef, updated_node: cst.ClassDef
+    ) -> cst.ClassDef:
+        return self._leave_definition(original_node, updated_node)
+
+    def leave_FunctionDef(
+        self, original_node: cst.FunctionDef, updated_node: cst.FunctionDef
+    ) -> cst.FunctionDef:
+        return self._leave_definition(original_node, updated_node)
+
+    def _leave_definition(self, original_node: Definition, updated_node: Definition) -> Definition:
+        at_scope = bool(self.SCOPE) and self.within_scope()
+        self._enclosing.pop()
+        return self.leave_scope(original_node, updated_node) if at_scope else updated_node
+
+    def leave_scope(self, original_node: Definition, updated_node: Definition) -> Definition:
+        """Rewrite the definition SCOPE names; called once per such definition."""
+        return updated_node
+
+    def within_scope(self) -> bool:
+        """True while visiting the innermost definition named by SCOPE."""
+        return tuple(self._enclosing) == self.SCOPE
+
+    def count_rewrite(self) -> None:
+        self.rewritten += 1
+
+    def marker(self, note: str = "") -> cst.Comment:
+        text = f"{MARKER_PREFIX} {self.patch_id}"
+        return cst.Comment(f"{text}: {note}" if note else text)
+
+    def trailing_marker(self, note: str = "") -> cst.TrailingWhitespace:
+        return cst.TrailingWhitespace(
+            whitespace=cst.SimpleWhitespace("  "), comment=self.marker(note)
+        )
+
+    def marker_line(self, note: str = "", indent: bool = True) -> cst.EmptyLine:
+        return cst.EmptyLine(indent=indent, comment=self.marker(note))
+
+    def scope_nodes(self, module: cst.Module) -> list[cst.CSTNode]:
+        """The definitions SCOPE names (the module itself when SCOPE is empty)."""
+        if not self.SCOPE:
+            return [module]
+        finder = _ScopeFinder(self.SCOPE)
+        module.visit(finder)
+        return finder.found
+
+    def is_patched(self, module: cst.Module) -> bool:
+        """True when this patch's markers are present: someone applied it already."""
+        pattern = marker_pattern(self.patch_id)
+        marker = m.Comment(value=m.MatchIfTrue(pattern.search))
+        return any(m.findall(node, marker) for node in self.scope_nodes(module))
+
+    def is_fixed_upstream(self, module: cst.Module) -> bool:
+        """True when the module has the shape upstream shipped as its own fix."""
+        return False
+
+    def transform_module(self, tree: cst.Module) -> cst.Module:
+        # No transform reads metadata, so skip the defensive deep copy a wrapper would make.
+        return self.transform_module_impl(tree)
+
+    def transform_module_impl(self, tree: cst.Module) -> cst.Module:
+        result = super().transform_module_impl(tree)
+        if self.rewritten == 0:
+            raise SkipFile(f"{self.patch_id}: target not found")
+        return result
+
+
+class _ScopeFinder(cst.CSTVisitor):
+    def __init__(self, scope: tuple[str, ...]) -> None:
+        self.scope = scope
+        self.path: list[str] = []
+        self.found: list[cst.CSTNode] = []
+
+    def _enter(self, node: cst.ClassDef | cst.FunctionDef) -> bool:
+        depth = len(self.path)
+        self.path.append(node.name.value)
+        if tuple(self.path) == self.scope:
+            self.found.append(node)
+            return False
+        return depth < len(self.scope) and self.scope[depth] == node.name.value
+
+    def visit_ClassDef(self, node: cst.ClassDef) -> bool:
+        return self._enter(node)
+
+    def visit_FunctionDef(self, node: cst.FunctionDef) -> bool:
+        return self._enter(node)
+
+    def leave_ClassDef(self, original_node: cst.ClassDef) -> None:
+        self.path.pop()
+
+    def leave_FunctionDef(self, original_node: cst.FunctionDef) -> None:
+        self.path.pop()
+
+
+def parse(source: str) -> cst.Module | str:
+    """The module, or a one-line reason libcst could not parse it."""
+    try:
+        return cst.parse_module(source)
+    except cst.ParserSyntaxError as exc:
+        return f"libcst cannot parse the file: {exc.message}"
+
+
+def classify(transform_cls: type[PatchTransform], patch_id: str, module: cst.Module) -> Shape:
+    """Say which shape `module` has for this transform, with the rewritten module if any."""
+    transform = transform_cls(CodemodContext(), patch_id)
+    try:
+        rewritten = transform.transform_module(module)
+    except SkipFile:
+        rewritten = None
+    if rewritten is not None and transform.rewritten == transform.SITES:
+        return Shape(ShapeKind.ORIGINAL, new_module=rewritten)
+    if rewritten is not None:
+        return Shape(
+            ShapeKind.MISSING,
+            detail=f"found {transform.rewritten} of {transform.SITES} target sites",
+        )
+    if transform.is_patched(module):
+        return Shape(ShapeKind.PATCHED)
+    if transform.is_fixed_upstream(module):
+        return Shape(ShapeKind.FIXED_UPSTREAM, detail="upstream's fix is present")
+    return Shape(ShapeKind.MISSING, detail="target shape not found")
