@@ -104,10 +104,15 @@ class PatchTransform(VisitorBasedCodemodCommand):
         text = f"{MARKER_PREFIX} {self.patch_id}"
         return cst.Comment(f"{text}: {note}" if note else text)
 
-    def trailing_marker(self, note: str = "") -> cst.TrailingWhitespace:
-        return cst.TrailingWhitespace(
-            whitespace=cst.SimpleWhitespace("  "), comment=self.marker(note)
-        )
+    def trailing_marker(
+        self, note: str = "", existing: cst.TrailingWhitespace | None = None
+    ) -> cst.TrailingWhitespace:
+        """A line end carrying the marker, after any comment the line already had."""
+        marker = self.marker(note)
+        if existing is not None and existing.comment is not None:
+            marker = cst.Comment(f"{existing.comment.value}  {marker.value}")
+            return existing.with_changes(comment=marker)
+        return cst.TrailingWhitespace(whitespace=cst.SimpleWhitespace("  "), comment=marker)
 
     def marker_line(self, note: str = "", indent: bool = True) -> cst.EmptyLine:
         return cst.EmptyLine(indent=indent, comment=self.marker(note))

@@ -10,18 +10,34 @@ from patches.transform import PatchTransform
 
 FUNCTION = "create_causal_mask_mapping"
 
-_REQUIRED_MESSAGE = m.SimpleString(value=m.MatchRegex(r"(?s).*mm_token_type_ids.*required.*"))
-_RAISE_REQUIRED = m.SimpleStatementLine(
-    body=[m.Raise(exc=m.Call(func=m.Name("ValueError"), args=[m.Arg(value=_REQUIRED_MESSAGE)]))]
-)
-_RAISE_REQUIRED_INLINE = m.SimpleStatementSuite(
-    body=[m.Raise(exc=m.Call(func=m.Name("ValueError"), args=[m.Arg(value=_REQUIRED_MESSAGE)]))]
+
+def _demands_token_types(node: cst.CSTNode) -> bool:
+    if not isinstance(node, (cst.SimpleString, cst.ConcatenatedString)):
+        return False
+    message = node.evaluated_value
+    return isinstance(message, str) and "mm_token_type_ids" in message and "required" in message
+
+
+def _mentions_token_types(test: cst.CSTNode) -> bool:
+    return bool(m.findall(test, m.Name("mm_token_type_ids")))
+
+
+_RAISE = m.Raise(
+    exc=m.Call(func=m.Name("ValueError"), args=[m.Arg(m.MatchIfTrue(_demands_token_types))])
 )
 # `if is_training and mm_token_type_ids is None: raise ValueError("... is required ...")`
 GUARD = m.If(
-    test=m.MatchIfTrue(lambda test: bool(m.findall(test, m.Name("mm_token_type_ids")))),
-    body=m.OneOf(m.IndentedBlock(body=[_RAISE_REQUIRED]), _RAISE_REQUIRED_INLINE),
+    test=m.MatchIfTrue(_mentions_token_types),
+    body=m.OneOf(
+        m.IndentedBlock(body=[m.SimpleStatementLine(body=[_RAISE])]),
+        m.SimpleStatementSuite(body=[_RAISE]),
+    ),
     orelse=None,
+)
+# Any raise guarded on mm_token_type_ids: if one is left, upstream has not removed the check.
+ANY_GUARD = m.If(
+    test=m.MatchIfTrue(_mentions_token_types),
+    body=m.MatchIfTrue(lambda body: bool(m.findall(body, m.Raise()))),
 )
 
 
@@ -52,7 +68,7 @@ class DropMmTokenTypeIdsTrainingGuard(PatchTransform):
 
     def is_fixed_upstream(self, module: cst.Module) -> bool:
         functions = self.scope_nodes(module)
-        return bool(functions) and not any(m.findall(f, GUARD) for f in functions)
+        return bool(functions) and not any(m.findall(f, ANY_GUARD) for f in functions)
 
 
 PATCH = Patch(

@@ -71,7 +71,7 @@ class AcceptExtraKwargsInInt8ParamsNew(PatchTransform):
             params = _replace_param(params, _last_param(params), last)  # type: ignore[arg-type]
         body = updated_node.body
         if isinstance(body, cst.IndentedBlock):
-            body = body.with_changes(header=self.trailing_marker())
+            body = body.with_changes(header=self.trailing_marker(existing=body.header))
         return updated_node.with_changes(params=params.with_changes(star_kwarg=kwargs), body=body)
 
     def is_fixed_upstream(self, module: cst.Module) -> bool:

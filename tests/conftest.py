@@ -1,0 +1,167 @@
+"""Shared fixtures: synthetic site-packages for fast engine tests, real wheels for the rest."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from patches.cli import main
+
+FIXTURES = Path(__file__).parent / "fixtures"
+WHEEL_CACHE = Path(
+    os.environ.get("STACKPATCH_WHEEL_CACHE", Path.home() / ".cache" / "stackpatch" / "wheels")
+)
+
+# What the synthetic environment holds: the fixtures' target shapes at the real paths.
+SYNTHETIC = {
+    "transformers": (
+        "5.5.4",
+        {"transformers/models/gemma4/modeling_gemma4.py": "p10/basic.before.py"},
+    ),
+    "bitsandbytes": ("0.49.2", {"bitsandbytes/nn/modules.py": "p11/basic.before.py"}),
+}
+
+
+def write_distribution(site: Path, name: str, version: str, files: dict[str, str]) -> None:
+    info = site / f"{name}-{version}.dist-info"
+    info.mkdir(parents=True, exist_ok=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
+    for relative, text in files.items():
+        target = site / relative
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(text)
+
+
+@pytest.fixture
+def synthetic_site(tmp_path: Path) -> Path:
+    site = tmp_path / "site-packages"
+    for name, (version, files) in SYNTHETIC.items():
+        texts = {rel: (FIXTURES / fixture).read_text() for rel, fixture in files.items()}
+        write_distribution(site, name, version, texts)
+    return site
+
+
+def snapshot(site: Path) -> dict[str, bytes]:
+    """Every file below `site` (the state folder included) and its bytes."""
+    return {
+        p.relative_to(site).as_posix(): p.read_bytes()
+        for p in sorted(site.rglob("*"))
+        if p.is_file()
+    }
+
+
+class CliResult:
+    def __init__(self, code: int, out: str, err: str) -> None:
+        self.code, self.out, self.err = code, out, err
+
+    @property
+    def json(self) -> dict:
+        return json.loads(self.out)
+
+    def states(self) -> dict[str, str]:
+        return {p["id"]: p["state"] for p in self.json["patches"]}
+
+
+@pytest.fixture
+def cli(capsys: pytest.CaptureFixture[str]) -> Callable[..., CliResult]:
+    def run(*argv: str) -> CliResult:
+        capsys.readouterr()
+        code = main(list(argv))
+        captured = capsys.readouterr()
+        return CliResult(code, captured.out, captured.err)
+
+    return run
+
+
+def run_cli_process(*argv: str, python: str = sys.executable, **kwargs) -> CliResult:
+    """Run apply_patches.py in a fresh interpreter, as a user would."""
+    root = Path(__file__).resolve().parent.parent
+    completed = subprocess.run(
+        [python, str(root / "apply_patches.py"), *argv],
+        capture_output=True,
+        text=True,
+        cwd=root,
+        check=False,
+        **kwargs,
+    )
+    return CliResult(completed.returncode, completed.stdout, completed.stderr)
+
+
+def wheel(spec: str) -> Path:
+    """A cached wheel for `name==version`, downloaded once without dependencies."""
+    name, version = spec.split("==")
+    WHEEL_CACHE.mkdir(parents=True, exist_ok=True)
+    pattern = f"{name.replace('-', '_')}-{version}-*.whl"
+    found = sorted(WHEEL_CACHE.glob(pattern))
+    if not found:
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                "--only-binary=:all:",
+                "--quiet",
+                "--dest",
+                str(WHEEL_CACHE),
+                spec,
+            ],
+            check=True,
+        )
+        found = sorted(WHEEL_CACHE.glob(pattern))
+    assert found, f"pip download {spec} produced no wheel"
+    return found[0]
+
+
+def wheel_file(spec: str, relative: str) -> bytes:
+    with zipfile.ZipFile(wheel(spec)) as archive:
+        return archive.read(relative)
+
+
+_PRISTINE: dict[tuple[str, ...], Path] = {}
+
+
+@pytest.fixture(scope="session")
+def pristine_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("pristine")
+
+
+@pytest.fixture
+def install(pristine_root: Path, tmp_path: Path) -> Callable[..., Path]:
+    """`install("transformers==5.5.4", ...)`: a fresh `pip install --target` tree of real wheels."""
+
+    def make(*specs: str) -> Path:
+        key = tuple(sorted(specs))
+        if key not in _PRISTINE:
+            target = pristine_root / "-".join(s.replace("==", "_") for s in key)
+            subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "pip",
+                    "install",
+                    "--quiet",
+                    "--no-deps",
+                    "--no-compile",
+                    "--no-index",
+                    "--target",
+                    str(target),
+                    *map(str, map(wheel, key)),
+                ],
+                check=True,
+            )
+            _PRISTINE[key] = target
+        site = tmp_path / "site-packages"
+        shutil.copytree(_PRISTINE[key], site, symlinks=True)
+        return site
+
+    return make
