@@ -127,41 +127,49 @@ def wheel_file(spec: str, relative: str) -> bytes:
         return archive.read(relative)
 
 
-_PRISTINE: dict[tuple[str, ...], Path] = {}
+def pip_install_target(target: Path | str, specs: tuple[str, ...]) -> None:
+    """`pip install --no-deps --target`: the real files of cached wheels, without torch."""
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--no-deps",
+            "--no-compile",
+            "--no-index",
+            "--target",
+            str(target),
+            *(str(wheel(s)) for s in specs),
+        ],
+        check=True,
+    )
 
 
 @pytest.fixture(scope="session")
-def pristine_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("pristine")
+def pristine_trees(tmp_path_factory: pytest.TempPathFactory) -> Callable[[tuple[str, ...]], Path]:
+    """One untouched `pip install --target` tree per set of wheels, made once per session."""
+    root = tmp_path_factory.mktemp("pristine")
+    made: dict[tuple[str, ...], Path] = {}
+
+    def tree(specs: tuple[str, ...]) -> Path:
+        key = tuple(sorted(specs))
+        if key not in made:
+            made[key] = root / "-".join(s.replace("==", "_") for s in key)
+            pip_install_target(made[key], key)
+        return made[key]
+
+    return tree
 
 
 @pytest.fixture
-def install(pristine_root: Path, tmp_path: Path) -> Callable[..., Path]:
-    """`install("transformers==5.5.4", ...)`: a fresh `pip install --target` tree of real wheels."""
+def install(pristine_trees, tmp_path: Path) -> Callable[..., Path]:
+    """`install("transformers==5.5.4", ...)`: a fresh copy of a real `pip install --target` tree."""
 
     def make(*specs: str) -> Path:
-        key = tuple(sorted(specs))
-        if key not in _PRISTINE:
-            target = pristine_root / "-".join(s.replace("==", "_") for s in key)
-            subprocess.run(
-                [
-                    sys.executable,
-                    "-m",
-                    "pip",
-                    "install",
-                    "--quiet",
-                    "--no-deps",
-                    "--no-compile",
-                    "--no-index",
-                    "--target",
-                    str(target),
-                    *map(str, map(wheel, key)),
-                ],
-                check=True,
-            )
-            _PRISTINE[key] = target
         site = tmp_path / "site-packages"
-        shutil.copytree(_PRISTINE[key], site, symlinks=True)
+        shutil.copytree(pristine_trees(specs), site, symlinks=True)
         return site
 
     return make

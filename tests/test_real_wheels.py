@@ -12,7 +12,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from conftest import run_cli_process, wheel, wheel_file
+from conftest import pip_install_target, run_cli_process, wheel, wheel_file
 
 pytestmark = pytest.mark.wheels
 
@@ -106,22 +106,7 @@ def test_python_option_targets_another_environment(tmp_path: Path) -> None:
         text=True,
         check=True,
     ).stdout.strip()
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "install",
-            "--quiet",
-            "--no-deps",
-            "--no-compile",
-            "--no-index",
-            "--target",
-            purelib,
-            str(wheel("transformers==5.5.4")),
-        ],
-        check=True,
-    )
+    pip_install_target(purelib, ("transformers==5.5.4",))
     check = run_cli_process("--check", "--json", "--python", str(python))
     assert check.code == 0, check.err
     assert check.json["environment"]["site_packages"] == purelib
