@@ -22,7 +22,7 @@ from patches.model import Patch
 from patches.plan import make_plan
 from patches.registry import load_patches, parse_id_list, select
 from patches.report import Report, problems_for, render
-from patches.status_doc import load_records, render_status
+from patches.status_doc import load_records, render_status, verified_statuses
 from patches.store import StateStore
 from patches.transaction import Outcome, apply_plan, revert
 
@@ -167,6 +167,7 @@ def _assess(
         environment=env,
         assessments=plan.assessments,
         problems=problems,
+        verified=verified_statuses(options.patches, load_records()),
         written=outcome.written if outcome else (),
         dropped=outcome.dropped if outcome else (),
     )

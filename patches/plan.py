@@ -127,9 +127,14 @@ class Planner:
         return self.files[path]
 
     def assess(self, patch: Patch, include_historical: bool) -> Assessment:
-        if not patch.recommended and not include_historical:
-            return Assessment(patch, State.SKIPPED, None, detail="historical; --include-historical")
         dist = self.env.distribution(patch.package)
+        if not patch.recommended and not include_historical:
+            return Assessment(
+                patch,
+                State.SKIPPED,
+                dist.version if dist else None,
+                detail="historical: off unless --include-historical",
+            )
         if dist is None:
             return Assessment(patch, State.NOT_INSTALLED, None)
         version = dist.version

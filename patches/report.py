@@ -9,7 +9,8 @@ JSON schema `stackpatch/report@1` (stable; fields may be added, never renamed):
       "environment": {"python": str, "python_version": str, "site_packages": str,
                       "packages": {name: version}},
       "patches": [{"id", "slug", "title", "package", "installed_version" (str|null),
-                   "affected", "status", "state", "recommended", "files", "detail"}],
+                   "affected", "status" (claimed), "verified" (from the records), "state",
+                   "recommended", "files", "detail"}],
       "problems": [str],               # one line per problem, as printed
       "written": [str], "dropped": [str]   # files changed by apply/revert
     }
@@ -19,7 +20,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from rich.console import Console
 from rich.markup import escape
@@ -48,6 +49,8 @@ class Report:
     environment: Environment
     assessments: tuple[Assessment, ...]
     problems: tuple[str, ...]
+    # Patch id -> what the recorded reproducer runs prove (see VALIDATION-STATUS.md).
+    verified: dict[str, str] = field(default_factory=dict)
     written: tuple[str, ...] = ()
     dropped: tuple[str, ...] = ()
 
@@ -69,7 +72,10 @@ class Report:
                     "site_packages": str(env.site_packages),
                     "packages": env.versions(),
                 },
-                "patches": [_assessment_json(a) for a in self.assessments],
+                "patches": [
+                    _assessment_json(a, self.verified.get(a.patch.id, "unverified"))
+                    for a in self.assessments
+                ],
                 "problems": list(self.problems),
                 "written": list(self.written),
                 "dropped": list(self.dropped),
@@ -78,7 +84,7 @@ class Report:
         )
 
 
-def _assessment_json(assessment: Assessment) -> dict:
+def _assessment_json(assessment: Assessment, verified: str) -> dict:
     patch = assessment.patch
     return {
         "id": patch.id,
@@ -88,6 +94,7 @@ def _assessment_json(assessment: Assessment) -> dict:
         "installed_version": assessment.installed_version,
         "affected": patch.affected,
         "status": patch.status.value,
+        "verified": verified,
         "state": assessment.state.value,
         "recommended": patch.recommended,
         "files": list(assessment.files),
@@ -121,7 +128,7 @@ def render(report: Report, console: Console, quiet: bool) -> None:
         packages = ", ".join(f"{n} {v}" for n, v in env.versions().items()) or "none of the targets"
         console.print(f"[bold]stackpatch {report.tool_version}[/] · {env.site_packages}")
         console.print(f"python {env.python_version} · {packages}")
-        console.print(_table(report.assessments))
+        console.print(_table(report.assessments, report.verified))
         verb = "restored" if report.command == "revert" else "patched"
         for path in report.written:
             console.print(f"[green]{verb}[/] {path}")
@@ -134,9 +141,9 @@ def render(report: Report, console: Console, quiet: bool) -> None:
         console.print(f"{report.command}: {verdict}")
 
 
-def _table(assessments: Sequence[Assessment]) -> Table:
+def _table(assessments: Sequence[Assessment], verified: dict[str, str]) -> Table:
     table = Table(show_lines=False, header_style="bold")
-    for column in ("id", "package", "installed", "affected", "status", "state"):
+    for column in ("id", "package", "installed", "affected", "status", "verified", "state"):
         table.add_column(column, no_wrap=True)
     table.add_column("detail", overflow="fold", ratio=1)
     for a in assessments:
@@ -147,6 +154,7 @@ def _table(assessments: Sequence[Assessment]) -> Table:
             a.installed_version or "-",
             a.patch.affected,
             a.patch.status.value,
+            verified.get(a.patch.id, "unverified"),
             f"[{style}]{a.state.value}[/]",
             escape(a.detail),
         )

@@ -63,6 +63,10 @@ def verified_status(patch: Patch, records: Sequence[Record]) -> str:
     return "unverified"
 
 
+def verified_statuses(patches: Sequence[Patch], records: Sequence[Record]) -> dict[str, str]:
+    return {p.id: verified_status(p, [r for r in records if r.patch == p.id]) for p in patches}
+
+
 def _cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 

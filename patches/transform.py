@@ -117,6 +117,13 @@ class PatchTransform(VisitorBasedCodemodCommand):
     def marker_line(self, note: str = "", indent: bool = True) -> cst.EmptyLine:
         return cst.EmptyLine(indent=indent, comment=self.marker(note))
 
+    def carries_marker(self, node: cst.CSTNode | None) -> bool:
+        """True when `node` holds this patch's marker: the site was rewritten already."""
+        if node is None:
+            return False
+        pattern = marker_pattern(self.patch_id)
+        return bool(m.findall(node, m.Comment(value=m.MatchIfTrue(pattern.search))))
+
     def scope_nodes(self, module: cst.Module) -> list[cst.CSTNode]:
         """The definitions SCOPE names (the module itself when SCOPE is empty)."""
         if not self.SCOPE:
@@ -127,9 +134,7 @@ class PatchTransform(VisitorBasedCodemodCommand):
 
     def is_patched(self, module: cst.Module) -> bool:
         """True when this patch's markers are present: someone applied it already."""
-        pattern = marker_pattern(self.patch_id)
-        marker = m.Comment(value=m.MatchIfTrue(pattern.search))
-        return any(m.findall(node, marker) for node in self.scope_nodes(module))
+        return any(self.carries_marker(node) for node in self.scope_nodes(module))
 
     def is_fixed_upstream(self, module: cst.Module) -> bool:
         """True when the module has the shape upstream shipped as its own fix."""

@@ -20,13 +20,17 @@ WHEEL_CACHE = Path(
     os.environ.get("STACKPATCH_WHEEL_CACHE", Path.home() / ".cache" / "stackpatch" / "wheels")
 )
 
-# What the synthetic environment holds: the fixtures' target shapes at the real paths.
+# What the synthetic environment holds: the fixtures' target shapes at the real paths
+# (a file several patches target is the concatenation of their fixtures).
 SYNTHETIC = {
-    "transformers": (
-        "5.5.4",
-        {"transformers/models/gemma4/modeling_gemma4.py": "p10/basic.before.py"},
+    "transformers": ("5.5.4", {"transformers/models/gemma4/modeling_gemma4.py": ["p10"]}),
+    "bitsandbytes": (
+        "0.49.2",
+        {
+            "bitsandbytes/nn/modules.py": ["p11", "p3"],
+            "bitsandbytes/autograd/_functions.py": ["p1"],
+        },
     ),
-    "bitsandbytes": ("0.49.2", {"bitsandbytes/nn/modules.py": "p11/basic.before.py"}),
 }
 
 
@@ -44,7 +48,10 @@ def write_distribution(site: Path, name: str, version: str, files: dict[str, str
 def synthetic_site(tmp_path: Path) -> Path:
     site = tmp_path / "site-packages"
     for name, (version, files) in SYNTHETIC.items():
-        texts = {rel: (FIXTURES / fixture).read_text() for rel, fixture in files.items()}
+        texts = {
+            rel: "\n\n".join((FIXTURES / d / "basic.before.py").read_text() for d in dirs)
+            for rel, dirs in files.items()
+        }
         write_distribution(site, name, version, texts)
     return site
 

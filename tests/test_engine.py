@@ -10,6 +10,7 @@ from conftest import FIXTURES, snapshot, write_distribution
 
 MODELING = "transformers/models/gemma4/modeling_gemma4.py"
 MODULES = "bitsandbytes/nn/modules.py"
+FUNCTIONS = "bitsandbytes/autograd/_functions.py"
 
 
 def test_check_reports_pending_with_documented_json(synthetic_site: Path, cli) -> None:
@@ -24,7 +25,8 @@ def test_check_reports_pending_with_documented_json(synthetic_site: Path, cli) -
     assert p10["installed_version"] == "5.5.4"
     assert p10["status"] == "upstreamable"
     assert p10["state"] == "pending"
-    assert result.states()["P11"] == "pending"
+    assert result.states() == {"P1": "skipped", "P3": "pending", "P10": "pending", "P11": "pending"}
+    assert report["patches"][0]["installed_version"] == "0.49.2"
 
 
 def test_apply_verify_revert_round_trip(synthetic_site: Path, cli) -> None:
@@ -34,7 +36,12 @@ def test_apply_verify_revert_round_trip(synthetic_site: Path, cli) -> None:
 
     applied = cli("--apply", "--json", *site)
     assert applied.code == 0
-    assert applied.states() == {"P10": "applied", "P11": "applied"}
+    assert applied.states() == {
+        "P1": "skipped",
+        "P3": "applied",
+        "P10": "applied",
+        "P11": "applied",
+    }
     assert sorted(applied.json["written"]) == [MODULES, MODELING]
     assert "# stackpatch P10" in (synthetic_site / MODELING).read_text()
     assert "**kwargs,  # stackpatch P11" in (synthetic_site / MODULES).read_text()
@@ -85,20 +92,46 @@ def test_only_and_skip_select_patches(synthetic_site: Path, cli) -> None:
     assert cli("--verify", "--only", "P10", "-q", *site).code == 0
     verify_all = cli("--verify", "--json", *site)
     assert verify_all.code == 1
-    assert verify_all.states() == {"P10": "applied", "P11": "pending"}
-    assert cli("--verify", "--skip", "P11", "-q", *site).code == 0
-    assert [p["id"] for p in cli("--check", "--json", "--skip", "P10", *site).json["patches"]] == [
-        "P11"
-    ]
+    assert verify_all.states() == {
+        "P1": "skipped",
+        "P3": "pending",
+        "P10": "applied",
+        "P11": "pending",
+    }
+    assert cli("--verify", "--skip", "P3,P11", "-q", *site).code == 0
+    skipped = cli("--check", "--json", "--skip", "P10,P1", *site).json["patches"]
+    assert [p["id"] for p in skipped] == ["P3", "P11"]
 
 
 def test_partial_revert_keeps_other_files(synthetic_site: Path, cli) -> None:
     site = ("--site-packages", str(synthetic_site))
     original = (synthetic_site / MODULES).read_bytes()
     cli("--apply", "-q", *site)
-    assert cli("--revert", "--only", "P11", "-q", *site).code == 0
+    assert cli("--revert", "--only", "P3,P11", "-q", *site).code == 0
     assert (synthetic_site / MODULES).read_bytes() == original
-    assert cli("--check", "--json", *site).states() == {"P10": "applied", "P11": "pending"}
+    states = cli("--check", "--json", *site).states()
+    assert states == {"P1": "skipped", "P3": "pending", "P10": "applied", "P11": "pending"}
+
+
+def test_partial_revert_of_a_shared_file_is_refused(synthetic_site: Path, cli) -> None:
+    site = ("--site-packages", str(synthetic_site))
+    cli("--apply", "-q", *site)
+    before = snapshot(synthetic_site)
+    refused = cli("--revert", "--only", "P11", *site)
+    assert refused.code == 2
+    assert "also carries P3" in refused.err
+    assert snapshot(synthetic_site) == before
+
+
+def test_historical_patches_are_opt_in(synthetic_site: Path, cli) -> None:
+    site = ("--site-packages", str(synthetic_site))
+    assert cli("--apply", "-q", *site).code == 0
+    assert "stackpatch P1" not in (synthetic_site / FUNCTIONS).read_text()
+    included = cli("--apply", "--json", "--include-historical", *site)
+    assert included.states()["P1"] == "applied"
+    assert "# stackpatch P1" in (synthetic_site / FUNCTIONS).read_text()
+    # Naming a historical patch in --only includes it.
+    assert cli("--verify", "--json", "--only", "P1", *site).states() == {"P1": "applied"}
 
 
 def test_not_installed_package(synthetic_site: Path, cli) -> None:

@@ -32,7 +32,7 @@ def assert_identical_to_wheels(site: Path, specs: tuple[str, ...]) -> None:
                     continue
                 assert (site / name).read_bytes() == archive.read(name), name
                 checked += 1
-    assert checked > 100
+    assert checked > 50
     assert not (site / ".stackpatch").exists()
 
 
@@ -42,7 +42,7 @@ def test_old_stack_full_cycle(install, cli) -> None:
 
     check = cli("--check", "--json", *args)
     assert check.code == 0
-    assert check.states() == {"P10": "pending", "P11": "pending"}
+    assert check.states() == {"P1": "skipped", "P3": "pending", "P10": "pending", "P11": "pending"}
     assert check.json["environment"]["packages"] == {
         "bitsandbytes": "0.49.2",
         "transformers": "5.5.4",
@@ -50,14 +50,14 @@ def test_old_stack_full_cycle(install, cli) -> None:
 
     apply = cli("--apply", "--json", *args)
     assert apply.code == 0, apply.out
-    assert apply.states() == {"P10": "applied", "P11": "applied"}
+    assert apply.states() == {"P1": "skipped", "P3": "applied", "P10": "applied", "P11": "applied"}
     assert cli("--verify", *args).code == 0
 
     # `pip install --force-reinstall transformers==5.5.4` puts the wheel's file back.
     (site / MODELING).write_bytes(wheel_file("transformers==5.5.4", MODELING))
     verify = cli("--verify", "--json", *args)
     assert verify.code == 1
-    assert verify.states() == {"P10": "drifted", "P11": "applied"}
+    assert verify.states() == {"P1": "skipped", "P3": "applied", "P10": "drifted", "P11": "applied"}
 
     assert cli("--apply", "-q", *args).code == 0
     assert cli("--verify", "-q", *args).code == 0
@@ -81,7 +81,12 @@ def test_new_stack_needs_nothing(install, cli) -> None:
     args = ("--site-packages", str(site))
     check = cli("--check", "--json", *args)
     assert check.code == 0
-    assert check.states() == {"P10": "fixed-upstream", "P11": "fixed-upstream"}
+    assert check.states() == {
+        "P1": "skipped",
+        "P3": "fixed-upstream",
+        "P10": "fixed-upstream",
+        "P11": "fixed-upstream",
+    }
     assert cli("--verify", "-q", *args).code == 0
     apply = cli("--apply", "--json", *args)
     assert apply.json["written"] == []
@@ -94,6 +99,32 @@ def test_fixed_shape_is_recognised_inside_the_range(install, cli, tmp_path: Path
     (site / MODELING).write_bytes(wheel_file("transformers==5.6.0", MODELING))
     check = cli("--check", "--json", "--only", "P10", "--site-packages", str(site))
     assert check.states() == {"P10": "fixed-upstream"}
+
+
+def test_historical_patch_round_trip(install, cli) -> None:
+    site = install("bitsandbytes==0.49.2")
+    args = ("--site-packages", str(site), "--include-historical")
+    assert cli("--check", "--json", *args).states()["P1"] == "pending"
+    assert cli("--apply", "-q", *args).code == 0
+    assert cli("--verify", "-q", *args).code == 0
+    assert cli("--revert", "-q", *args).code == 0
+    assert_identical_to_wheels(site, ("bitsandbytes==0.49.2",))
+
+
+def test_edited_wheel_is_target_missing(install, cli) -> None:
+    """A release whose target moved: the engine refuses to guess and exits 1."""
+    site = install("transformers==5.5.4")
+    modeling = site / MODELING
+    modeling.write_text(
+        modeling.read_text().replace("def create_causal_mask_mapping(", "def build_mask_mapping(")
+    )
+    check = cli("--check", "--json", "--only", "P10", "--site-packages", str(site))
+    assert check.code == 1
+    assert check.states() == {"P10": "target-missing"}
+    assert cli("--verify", "-q", "--only", "P10", "--site-packages", str(site)).code == 1
+    before = modeling.read_bytes()
+    assert cli("--apply", "-q", "--only", "P10", "--site-packages", str(site)).code == 1
+    assert modeling.read_bytes() == before
 
 
 def test_python_option_targets_another_environment(tmp_path: Path) -> None:
@@ -111,7 +142,12 @@ def test_python_option_targets_another_environment(tmp_path: Path) -> None:
     assert check.code == 0, check.err
     assert check.json["environment"]["site_packages"] == purelib
     assert check.json["environment"]["packages"] == {"transformers": "5.5.4"}
-    assert check.states() == {"P10": "pending", "P11": "not-installed"}
+    assert check.states() == {
+        "P1": "skipped",
+        "P3": "not-installed",
+        "P10": "pending",
+        "P11": "not-installed",
+    }
 
     assert run_cli_process("--apply", "-q", "--python", str(python)).code == 0
     assert (Path(purelib) / ".stackpatch" / "manifest.json").is_file()
