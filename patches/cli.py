@@ -11,8 +11,11 @@ import sys
 import traceback
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
 
 from patches import __version__
 from patches.environment import Environment, locate
@@ -22,11 +25,20 @@ from patches.model import Patch
 from patches.plan import make_plan
 from patches.registry import load_patches, parse_id_list, select
 from patches.report import Report, problems_for, render
-from patches.status_doc import load_records, render_status, verified_statuses
+from patches.status_doc import RECORDS_DIR, load_records, render_status, verified_statuses
 from patches.store import StateStore
 from patches.transaction import Outcome, apply_plan, revert
+from patches.validate import validate, write_record
 
-COMMANDS = ("check", "apply", "verify", "revert", "diff", "validation-status")
+MODES = (
+    ("check", "report each patch's state (the default)"),
+    ("apply", "apply every pending patch, all or nothing"),
+    ("verify", "exit 1 unless every recommended in-range patch is applied and unchanged"),
+    ("revert", "restore the original files byte for byte"),
+    ("diff", "print the unified diff --apply would make"),
+    ("validate", "run each patch's reproducer unpatched and patched; write records"),
+    ("validation-status", "print VALIDATION-STATUS.md"),
+)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -42,48 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Exit codes: 0 fine, 1 problems found, 2 usage or environment error.",
     )
     mode = parser.add_mutually_exclusive_group()
-    mode.add_argument(
-        "--check",
-        dest="command",
-        action="store_const",
-        const="check",
-        help="report each patch's state (the default)",
-    )
-    mode.add_argument(
-        "--apply",
-        dest="command",
-        action="store_const",
-        const="apply",
-        help="apply every pending patch, all or nothing",
-    )
-    mode.add_argument(
-        "--verify",
-        dest="command",
-        action="store_const",
-        const="verify",
-        help="exit 1 unless every recommended in-range patch is applied and unchanged",
-    )
-    mode.add_argument(
-        "--revert",
-        dest="command",
-        action="store_const",
-        const="revert",
-        help="restore the original files byte for byte",
-    )
-    mode.add_argument(
-        "--diff",
-        dest="command",
-        action="store_const",
-        const="diff",
-        help="print the unified diff --apply would make",
-    )
-    mode.add_argument(
-        "--validation-status",
-        dest="command",
-        action="store_const",
-        const="validation-status",
-        help="print VALIDATION-STATUS.md",
-    )
+    for command, help_text in MODES:
+        mode.add_argument(
+            f"--{command}", dest="command", action="store_const", const=command, help=help_text
+        )
     parser.add_argument(
         "--only", default="", metavar="IDS", help="comma-separated patch ids, e.g. P4,P10"
     )
@@ -105,6 +79,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="patch the packages installed in this directory (pip install --target)",
     )
     parser.add_argument(
+        "--records",
+        metavar="DIR",
+        default=str(RECORDS_DIR),
+        help="where --validate writes its records (default: validation/records)",
+    )
+    parser.add_argument(
         "--json", action="store_true", help="print the report as JSON (schema in README)"
     )
     parser.add_argument("-q", "--quiet", action="store_true", help="print problems only")
@@ -122,6 +102,7 @@ class Options:
     site_packages: str | None
     json: bool
     quiet: bool
+    records: str = str(RECORDS_DIR)
 
     @property
     def selected_ids(self) -> set[str]:
@@ -143,6 +124,7 @@ def parse_options(argv: Sequence[str]) -> Options:
         site_packages=args.site_packages,
         json=args.json,
         quiet=args.quiet,
+        records=args.records,
     )
 
 
@@ -177,6 +159,8 @@ def run(options: Options, out: Console) -> int:
     if options.command == "validation-status":
         out.file.write(render_status(load_patches(), load_records()))
         return 0
+    if options.command == "validate":
+        return run_validation(options, out)
     env = locate({p.package for p in options.patches}, options.python, options.site_packages)
     store = StateStore(env.site_packages, env.state_dir)
     outcome: Outcome | None = None
@@ -204,6 +188,40 @@ def run(options: Options, out: Console) -> int:
     else:
         render(report, out, options.quiet)
     return 0 if report.ok else 1
+
+
+def run_validation(options: Options, out: Console) -> int:
+    chosen = [p for p in options.patches if p.reproducer]
+    if not chosen:
+        raise UsageError("none of the selected patches has a reproducer")
+    table = Table(header_style="bold")
+    for column in (
+        "id",
+        "package",
+        "unpatched",
+        "patched",
+        "proves the fix",
+        "reproducer says (unpatched)",
+    ):
+        table.add_column(column, overflow="fold")
+    inconclusive = 0
+    for patch in chosen:
+        result = validate(patch, options.python, options.site_packages)
+        record = write_record(result, Path(options.records))
+        inconclusive += "inconclusive" in (result.before.outcome, result.after.outcome)
+        version = result.env.versions().get(patch.package, "-")
+        table.add_row(
+            patch.id,
+            f"{patch.package} {version}",
+            result.before.outcome,
+            result.after.outcome,
+            "yes" if result.proves_fix else "no",
+            escape(result.before.error),
+        )
+        if not options.quiet:
+            out.print(f"recorded {record}")
+    out.print(table)
+    return 1 if inconclusive else 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

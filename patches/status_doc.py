@@ -25,6 +25,7 @@ class Record:
     reproduced: bool
     fixed: bool
     error: str
+    after: str
     source: str
 
     @property
@@ -47,10 +48,20 @@ def load_records(directory: Path = RECORDS_DIR) -> list[Record]:
                 reproduced=bool(data["before"]["reproduced"]),
                 fixed=bool(data["after"]["fixed"]),
                 error=data["before"].get("error", ""),
+                after=_after_text(data["after"]),
                 source=path.name,
             )
         )
     return records
+
+
+def _after_text(after: dict) -> str:
+    outcome = after.get("outcome", "fine" if after.get("fixed") else "")
+    if outcome == "not-applicable":
+        return f"not applied ({after.get('error', '')})"
+    return {"fine": "passes", "bug": "still fails", "inconclusive": "inconclusive"}.get(
+        outcome, outcome or "-"
+    )
 
 
 def verified_status(patch: Patch, records: Sequence[Record]) -> str:
@@ -115,7 +126,7 @@ def render_status(patches: Sequence[Patch], records: Sequence[Record]) -> str:
         lines += ["", patch.rationale, ""]
         if mine:
             lines += [
-                "| versions | python | torch | device | date | bug reproduced | patch fixed it "
+                "| versions | python | torch | device | date | unpatched | patched "
                 "| error (unpatched) |",
                 "| --- | --- | --- | --- | --- | --- | --- | --- |",
             ]
@@ -123,7 +134,7 @@ def render_status(patches: Sequence[Patch], records: Sequence[Record]) -> str:
                 versions = ", ".join(f"{k} {v}" for k, v in r.packages.items())
                 lines.append(
                     f"| {versions} | {r.python} | {r.torch} | {r.device} | {r.date} | "
-                    f"{'yes' if r.reproduced else 'no'} | {'yes' if r.fixed else 'no'} | "
+                    f"{'bug reproduced' if r.reproduced else 'no bug'} | {_cell(r.after)} | "
                     f"{_cell(r.error) or '-'} |"
                 )
             lines.append("")

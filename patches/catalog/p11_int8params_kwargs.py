@@ -88,13 +88,14 @@ PATCH = Patch(
     status=Status.UPSTREAMABLE,
     targets=(Target("bitsandbytes/nn/modules.py", AcceptExtraKwargsInInt8ParamsNew),),
     rationale=(
-        "While loading 8-bit weights, transformers 5 builds each one as "
-        "`bnb.nn.Int8Params(value, requires_grad=False, **old_param.__dict__)` "
-        "(integrations/bitsandbytes.py), which forwards bookkeeping attributes such as "
-        "`_is_hf_initialized`. Int8Params.__new__ "
-        "in bitsandbytes before 0.50.0 takes a fixed set of keywords and raises TypeError, so "
-        "8-bit loading and moving 8-bit weights between devices fail. bitsandbytes 0.50.0 added "
-        "`**kwargs` to the signature; this patch adds the same to older releases."
+        "transformers 5 marks every parameter it loads with `_is_hf_initialized`. Code that "
+        "later rebuilds an 8-bit weight from its attributes, as accelerate's "
+        "set_module_tensor_to_device does (`Int8Params(value, requires_grad=..., "
+        "**old_param.__dict__)`, called by the offload hooks of a device_map that offloads "
+        "layers), passes that keyword on. Int8Params.__new__ in bitsandbytes before 0.50.0 "
+        "takes a fixed set of keywords and raises TypeError, so INT8 training with CPU offload "
+        "fails. bitsandbytes 0.50.0 added `**kwargs` to the signature; this patch adds the same "
+        "to older releases."
     ),
     references=(
         "https://github.blesdmm.dns-dynamic.net/bitsandbytes-foundation/bitsandbytes/issues/1927",

@@ -1,0 +1,178 @@
+"""--validate: run each patch's reproducer on throw-away copies of the target packages,
+unpatched then patched, in the target environment, and record what happened.
+
+A reproducer prints one JSON line `{"outcome": "bug"|"fine", "error", "torch", "device"}` and
+exits 1 on the bug, 0 without it (validation/tiny_gemma4.py has the helpers). Anything else
+is inconclusive and proves nothing either way.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from datetime import date
+from pathlib import Path
+
+from patches import __version__
+from patches.environment import Environment, locate
+from patches.errors import StackpatchError
+from patches.manifest import Manifest
+from patches.model import Patch
+from patches.plan import make_plan
+from patches.store import StateStore, atomic_write
+from patches.transaction import apply_plan
+
+ROOT = Path(__file__).resolve().parent.parent
+VALIDATION_DIR = ROOT / "validation"
+STACK = ("transformers", "peft", "bitsandbytes", "accelerate")
+REPRODUCER_TIMEOUT_S = 900
+
+
+@dataclass(frozen=True)
+class Run:
+    outcome: str  # "bug", "fine", "inconclusive", or "not-applicable" (the patch did not apply)
+    error: str
+    torch: str
+    device: str
+
+
+@dataclass(frozen=True)
+class Validation:
+    patch: Patch
+    env: Environment
+    before: Run
+    after: Run
+
+    @property
+    def proves_fix(self) -> bool:
+        return self.before.outcome == "bug" and self.after.outcome == "fine"
+
+    def record(self) -> dict:
+        return {
+            "patch": self.patch.id,
+            "packages": self.env.versions(),
+            "python": self.env.python_version,
+            "torch": self.before.torch or self.after.torch,
+            "device": self.before.device or self.after.device,
+            "date": date.today().isoformat(),
+            "tool_version": __version__,
+            "reproducer": self.patch.reproducer,
+            "before": {
+                "reproduced": self.before.outcome == "bug",
+                "outcome": self.before.outcome,
+                "error": self.before.error,
+            },
+            "after": {
+                "fixed": self.before.outcome == "bug" and self.after.outcome == "fine",
+                "outcome": self.after.outcome,
+                "error": self.after.error,
+            },
+        }
+
+    def record_name(self) -> str:
+        version = self.env.versions().get(self.patch.package, "none")
+        device = (self.before.device or "unknown").lower().replace(" ", "-")
+        return f"{self.patch.id}__{self.patch.package}-{version}__{device}.json"
+
+
+def _package_dirs(patch: Patch) -> set[str]:
+    return {target.path.split("/", 1)[0] for target in patch.targets}
+
+
+def _overlay(
+    patch: Patch, env: Environment, manifest: Manifest, store: StateStore, dest: Path
+) -> None:
+    """Copy the patch's packages to `dest` with every file at its original, unpatched bytes."""
+    dist = env.distribution(patch.package)
+    assert dist is not None
+    for top in _package_dirs(patch):
+        shutil.copytree(
+            dist.location / top, dest / top, ignore=shutil.ignore_patterns("__pycache__")
+        )
+        for key, record in manifest.files.items():
+            if key.startswith(f"{top}/"):
+                atomic_write(dest / key, store.backup_path(record.backup_name).read_bytes())
+    info = dest / f"{dist.name}-{dist.version}.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(
+        f"Metadata-Version: 2.1\nName: {dist.name}\nVersion: {dist.version}\n"
+    )
+
+
+def _apply_one(patch: Patch, overlay: Path) -> str | None:
+    """Apply `patch` to the overlay; say why not when it does not apply (e.g. fixed upstream)."""
+    env = locate({patch.package}, site_packages=str(overlay))
+    store = StateStore(env.site_packages, env.state_dir)
+    manifest = store.load(__version__)
+    plan = make_plan((patch,), env, manifest, include_historical=True)
+    if not plan.changes:
+        state = plan.assessments[0]
+        return f"{state.state.value}: {state.detail}"
+    apply_plan(plan, manifest, store, __version__)
+    return None
+
+
+def _run_reproducer(python: str, reproducer: Path, overlay: Path) -> Run:
+    environ = dict(os.environ)
+    environ["PYTHONPATH"] = os.pathsep.join(
+        [str(overlay), str(VALIDATION_DIR), *filter(None, [environ.get("PYTHONPATH")])]
+    )
+    environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        completed = subprocess.run(
+            [python, str(reproducer)],
+            capture_output=True,
+            text=True,
+            env=environ,
+            cwd=overlay,
+            timeout=REPRODUCER_TIMEOUT_S,
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        return Run("inconclusive", f"timed out after {REPRODUCER_TIMEOUT_S} s", "", "")
+    lines = [line for line in completed.stdout.splitlines() if line.startswith("{")]
+    try:
+        report = json.loads(lines[-1])
+    except (IndexError, json.JSONDecodeError):
+        tail = (completed.stderr.strip().splitlines() or ["no output"])[-1]
+        return Run("inconclusive", f"exit {completed.returncode}: {tail}", "", "")
+    expected = {"bug": 1, "fine": 0}.get(report.get("outcome"))
+    outcome = report["outcome"] if expected == completed.returncode else "inconclusive"
+    return Run(outcome, report.get("error", ""), report.get("torch", ""), report.get("device", ""))
+
+
+def validate(patch: Patch, python: str | None, site_packages: str | None) -> Validation:
+    if not patch.reproducer:
+        raise StackpatchError(f"{patch.id} has no reproducer")
+    env = locate({patch.package, *STACK}, python, site_packages)
+    if env.distribution(patch.package) is None:
+        raise StackpatchError(
+            f"{patch.package} is not installed in the target environment; "
+            "point --python at an environment with the stack the reproducer needs"
+        )
+    store = StateStore(env.site_packages, env.state_dir)
+    manifest = store.load(__version__)
+    interpreter = env.python if site_packages is None else (python or env.python)
+    reproducer = ROOT / patch.reproducer
+    with tempfile.TemporaryDirectory(prefix=f"stackpatch-{patch.id}-") as scratch:
+        unpatched, patched = Path(scratch) / "unpatched", Path(scratch) / "patched"
+        _overlay(patch, env, manifest, store, unpatched)
+        shutil.copytree(unpatched, patched)
+        not_applied = _apply_one(patch, patched)
+        before = _run_reproducer(interpreter, reproducer, unpatched)
+        if not_applied is None:
+            after = _run_reproducer(interpreter, reproducer, patched)
+        else:
+            after = Run("not-applicable", not_applied, "", "")
+    return Validation(patch, env, before, after)
+
+
+def write_record(validation: Validation, directory: Path) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / validation.record_name()
+    atomic_write(path, (json.dumps(validation.record(), indent=2) + "\n").encode())
+    return path

@@ -1,0 +1,89 @@
+"""--validate: the overlay mechanics on a synthetic site, with a reproducer that needs no torch."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import textwrap
+from pathlib import Path
+
+import pytest
+from conftest import snapshot
+
+from patches import validate as validate_module
+from patches.registry import load_patches
+
+# Reads the module the interpreter would import, as a real reproducer exercises it.
+FAKE_REPRODUCER = textwrap.dedent(
+    """
+    import importlib.util, json, sys
+    spec = importlib.util.find_spec("transformers.models.gemma4.modeling_gemma4")
+    text = open(spec.origin).read()
+    env = {"torch": "none", "device": "cpu"}
+    if "is required as a model input when training" in text:
+        print(json.dumps({"outcome": "bug", "error": "ValueError: required", **env}))
+        sys.exit(1)
+    print(json.dumps({"outcome": "fine", "error": spec.origin, **env}))
+    """
+)
+
+
+@pytest.fixture
+def p10_with_fake_reproducer(tmp_path: Path, monkeypatch):
+    reproducer = tmp_path / "fake_reproducer.py"
+    reproducer.write_text(FAKE_REPRODUCER)
+    p10 = next(p for p in load_patches() if p.id == "P10")
+    return dataclasses.replace(p10, reproducer=str(reproducer))
+
+
+def test_unpatched_then_patched_copies(synthetic_site: Path, p10_with_fake_reproducer, cli) -> None:
+    # The environment itself is patched: the unpatched copy must still show the bug.
+    cli("--apply", "-q", "--site-packages", str(synthetic_site))
+    before = snapshot(synthetic_site)
+    result = validate_module.validate(p10_with_fake_reproducer, None, str(synthetic_site))
+    assert result.before.outcome == "bug"
+    assert result.after.outcome == "fine"
+    assert "/patched/transformers/" in result.after.error  # it imported the overlay
+    assert result.proves_fix
+    assert snapshot(synthetic_site) == before  # the environment was never touched
+
+
+def test_record_says_what_was_run(
+    synthetic_site: Path, p10_with_fake_reproducer, tmp_path: Path
+) -> None:
+    result = validate_module.validate(p10_with_fake_reproducer, None, str(synthetic_site))
+    path = validate_module.write_record(result, tmp_path / "records")
+    record = json.loads(path.read_text())
+    assert path.name == "P10__transformers-5.5.4__cpu.json"
+    assert record["packages"] == {"bitsandbytes": "0.49.2", "transformers": "5.5.4"}
+    assert record["before"] == {
+        "reproduced": True,
+        "outcome": "bug",
+        "error": "ValueError: required",
+    }
+    assert record["after"]["fixed"] is True
+
+
+def test_out_of_range_release_is_not_applicable(tmp_path: Path, p10_with_fake_reproducer) -> None:
+    from conftest import write_distribution
+
+    site = tmp_path / "site"
+    text = (Path(__file__).parent / "fixtures/p10/upstream_fix.fixed.py").read_text()
+    write_distribution(
+        site, "transformers", "5.23.0", {"transformers/models/gemma4/modeling_gemma4.py": text}
+    )
+    result = validate_module.validate(p10_with_fake_reproducer, None, str(site))
+    assert result.before.outcome == "fine"
+    assert result.after.outcome == "not-applicable"
+    assert "fixed-upstream" in result.after.error
+    assert not result.proves_fix
+
+
+def test_a_reproducer_that_crashes_is_inconclusive(
+    synthetic_site: Path, p10_with_fake_reproducer
+) -> None:
+    Path(p10_with_fake_reproducer.reproducer).write_text("raise ImportError('no torch here')\n")
+    result = validate_module.validate(p10_with_fake_reproducer, None, str(synthetic_site))
+    assert result.before.outcome == "inconclusive"
+    assert "ImportError: no torch here" in result.before.error
+    assert not result.proves_fix
