@@ -31,6 +31,7 @@ SYNTHETIC = {
             "bitsandbytes/autograd/_functions.py": ["p1"],
         },
     ),
+    "peft": ("0.19.1", {"peft/tuners/lora/model.py": ["p12"]}),
 }
 
 

@@ -11,6 +11,7 @@ from conftest import FIXTURES, snapshot, write_distribution
 MODELING = "transformers/models/gemma4/modeling_gemma4.py"
 MODULES = "bitsandbytes/nn/modules.py"
 FUNCTIONS = "bitsandbytes/autograd/_functions.py"
+LORA_MODEL = "peft/tuners/lora/model.py"
 
 
 def test_check_reports_pending_with_documented_json(synthetic_site: Path, cli) -> None:
@@ -19,13 +20,23 @@ def test_check_reports_pending_with_documented_json(synthetic_site: Path, cli) -
     report = result.json
     assert report["schema"] == "stackpatch/report@1"
     assert report["ok"] is True
-    assert report["environment"]["packages"] == {"bitsandbytes": "0.49.2", "transformers": "5.5.4"}
+    assert report["environment"]["packages"] == {
+        "bitsandbytes": "0.49.2",
+        "peft": "0.19.1",
+        "transformers": "5.5.4",
+    }
     p10 = next(p for p in report["patches"] if p["id"] == "P10")
     assert p10["package"] == "transformers"
     assert p10["installed_version"] == "5.5.4"
     assert p10["status"] == "upstreamable"
     assert p10["state"] == "pending"
-    assert result.states() == {"P1": "skipped", "P3": "pending", "P10": "pending", "P11": "pending"}
+    assert result.states() == {
+        "P1": "skipped",
+        "P3": "pending",
+        "P10": "pending",
+        "P11": "pending",
+        "P12": "pending",
+    }
     assert report["patches"][0]["installed_version"] == "0.49.2"
 
 
@@ -41,15 +52,16 @@ def test_apply_verify_revert_round_trip(synthetic_site: Path, cli) -> None:
         "P3": "applied",
         "P10": "applied",
         "P11": "applied",
+        "P12": "applied",
     }
-    assert sorted(applied.json["written"]) == [MODULES, MODELING]
+    assert sorted(applied.json["written"]) == [MODULES, LORA_MODEL, MODELING]
     assert "# stackpatch P10" in (synthetic_site / MODELING).read_text()
     assert "**kwargs,  # stackpatch P11" in (synthetic_site / MODULES).read_text()
     assert cli("--verify", *site).code == 0
 
     reverted = cli("--revert", "--json", *site)
     assert reverted.code == 0
-    assert sorted(reverted.json["written"]) == [MODULES, MODELING]
+    assert sorted(reverted.json["written"]) == [MODULES, LORA_MODEL, MODELING]
     assert snapshot(synthetic_site) == before  # byte-exact, and no .stackpatch left behind
 
 
@@ -97,10 +109,11 @@ def test_only_and_skip_select_patches(synthetic_site: Path, cli) -> None:
         "P3": "pending",
         "P10": "applied",
         "P11": "pending",
+        "P12": "pending",
     }
-    assert cli("--verify", "--skip", "P3,P11", "-q", *site).code == 0
+    assert cli("--verify", "--skip", "P3,P11,P12", "-q", *site).code == 0
     skipped = cli("--check", "--json", "--skip", "P10,P1", *site).json["patches"]
-    assert [p["id"] for p in skipped] == ["P3", "P11"]
+    assert [p["id"] for p in skipped] == ["P3", "P11", "P12"]
 
 
 def test_partial_revert_keeps_other_files(synthetic_site: Path, cli) -> None:
@@ -110,7 +123,13 @@ def test_partial_revert_keeps_other_files(synthetic_site: Path, cli) -> None:
     assert cli("--revert", "--only", "P3,P11", "-q", *site).code == 0
     assert (synthetic_site / MODULES).read_bytes() == original
     states = cli("--check", "--json", *site).states()
-    assert states == {"P1": "skipped", "P3": "pending", "P10": "applied", "P11": "pending"}
+    assert states == {
+        "P1": "skipped",
+        "P3": "pending",
+        "P10": "applied",
+        "P11": "pending",
+        "P12": "applied",
+    }
 
 
 def test_partial_revert_of_a_shared_file_is_refused(synthetic_site: Path, cli) -> None:

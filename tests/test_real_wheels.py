@@ -42,22 +42,35 @@ def test_old_stack_full_cycle(install, cli) -> None:
 
     check = cli("--check", "--json", *args)
     assert check.code == 0
-    assert check.states() == {"P1": "skipped", "P3": "pending", "P10": "pending", "P11": "pending"}
+    assert check.states() == {
+        "P1": "skipped",
+        "P3": "pending",
+        "P10": "pending",
+        "P11": "pending",
+        "P12": "pending",
+    }
     assert check.json["environment"]["packages"] == {
         "bitsandbytes": "0.49.2",
+        "peft": "0.19.1",
         "transformers": "5.5.4",
     }
 
     apply = cli("--apply", "--json", *args)
     assert apply.code == 0, apply.out
-    assert apply.states() == {"P1": "skipped", "P3": "applied", "P10": "applied", "P11": "applied"}
+    assert set(apply.states().values()) == {"skipped", "applied"}
     assert cli("--verify", *args).code == 0
 
     # `pip install --force-reinstall transformers==5.5.4` puts the wheel's file back.
     (site / MODELING).write_bytes(wheel_file("transformers==5.5.4", MODELING))
     verify = cli("--verify", "--json", *args)
     assert verify.code == 1
-    assert verify.states() == {"P1": "skipped", "P3": "applied", "P10": "drifted", "P11": "applied"}
+    assert verify.states() == {
+        "P1": "skipped",
+        "P3": "applied",
+        "P10": "drifted",
+        "P11": "applied",
+        "P12": "applied",
+    }
 
     assert cli("--apply", "-q", *args).code == 0
     assert cli("--verify", "-q", *args).code == 0
@@ -76,7 +89,7 @@ def test_patched_code_compiles_and_keeps_its_meaning(install, cli) -> None:
     assert "        **kwargs,  # stackpatch P11\n" in modules
 
 
-def test_new_stack_needs_nothing(install, cli) -> None:
+def test_new_stack_needs_only_the_peft_patch(install, cli) -> None:
     site = install(*NEW_STACK)
     args = ("--site-packages", str(site))
     check = cli("--check", "--json", *args)
@@ -86,10 +99,13 @@ def test_new_stack_needs_nothing(install, cli) -> None:
         "P3": "fixed-upstream",
         "P10": "fixed-upstream",
         "P11": "fixed-upstream",
+        "P12": "pending",
     }
-    assert cli("--verify", "-q", *args).code == 0
+    assert cli("--verify", "-q", *args).code == 1
     apply = cli("--apply", "--json", *args)
-    assert apply.json["written"] == []
+    assert apply.json["written"] == ["peft/tuners/lora/model.py"]
+    assert cli("--verify", "-q", *args).code == 0
+    assert cli("--revert", "-q", *args).code == 0
     assert_identical_to_wheels(site, NEW_STACK)
 
 
@@ -147,6 +163,7 @@ def test_python_option_targets_another_environment(tmp_path: Path) -> None:
         "P3": "not-installed",
         "P10": "pending",
         "P11": "not-installed",
+        "P12": "not-installed",
     }
 
     assert run_cli_process("--apply", "-q", "--python", str(python)).code == 0

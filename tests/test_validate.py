@@ -55,7 +55,11 @@ def test_record_says_what_was_run(
     path = validate_module.write_record(result, tmp_path / "records")
     record = json.loads(path.read_text())
     assert path.name == "P10__transformers-5.5.4__cpu.json"
-    assert record["packages"] == {"bitsandbytes": "0.49.2", "transformers": "5.5.4"}
+    assert record["packages"] == {
+        "bitsandbytes": "0.49.2",
+        "peft": "0.19.1",
+        "transformers": "5.5.4",
+    }
     assert record["before"] == {
         "reproduced": True,
         "outcome": "bug",

@@ -64,7 +64,8 @@ def _environment() -> dict[str, str]:
 
 def bug(exc: BaseException) -> None:
     """The reproducer hit the bug: print its error line and exit 1."""
-    line = traceback.format_exception_only(type(exc), exc)[-1].strip()
+    # One line, whatever the message's own line breaks: it goes into a table cell.
+    line = " ".join("".join(traceback.format_exception_only(type(exc), exc)).split())
     print(json.dumps({"outcome": "bug", "error": line, **_environment()}))
     sys.exit(1)
 
