@@ -1,0 +1,241 @@
+"""One full-size Gemma 4 26B-A4B experts layer, forward + backward w.r.t. its input, side by side.
+
+Variants, all in one run on one GPU:
+  bf16-eager       transformers' Gemma4TextExperts, per-expert loop (experts_implementation="eager")
+  bf16-grouped     the same module with experts_implementation="grouped_mm"
+  nf4-linear4bit   one bitsandbytes Linear4bit per expert (the post-load swap of unsloth's PR)
+  nf4-packed-ours  patches/inject/experts_4bit.py: fused 3D weights packed in NF4, dequantized
+                   a chunk of experts at a time, grouped GEMM, re-dequantized in backward
+
+For each token count: median ms over timed repeats (CUDA events), ratio to bf16-grouped,
+extra peak memory over the resident weights, and the output's cosine similarity to
+bf16-grouped. Prints a table and writes JSON + Markdown under --out.
+
+    python bench/moe_experts.py --out bench/results
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+from collections.abc import Callable
+from datetime import date
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from patches.inject.experts_4bit import experts_4bit_forward, pack_experts
+
+EXPERTS, HIDDEN, INTERMEDIATE, TOP_K = 128, 2816, 704, 8
+
+
+def make_experts(variant: str):
+    from transformers import Gemma4TextConfig
+    from transformers.models.gemma4.modeling_gemma4 import Gemma4TextExperts
+
+    config = Gemma4TextConfig(
+        hidden_size=HIDDEN,
+        moe_intermediate_size=INTERMEDIATE,
+        num_experts=EXPERTS,
+        top_k_experts=TOP_K,
+        enable_moe_block=True,
+        hidden_activation="gelu_pytorch_tanh",
+    )
+    config._experts_implementation = variant
+    torch.manual_seed(0)
+    experts = Gemma4TextExperts(config)
+    with torch.no_grad():
+        experts.gate_up_proj.normal_(0, 0.02)
+        experts.down_proj.normal_(0, 0.02)
+    experts.config = config
+    return experts.to("cuda", torch.bfloat16).requires_grad_(False)
+
+
+def linear4bit_forward(reference) -> Callable:
+    import bitsandbytes as bnb
+
+    def quantized(weight: torch.Tensor) -> torch.nn.ModuleList:
+        layers = torch.nn.ModuleList()
+        for e in range(weight.shape[0]):
+            layer = bnb.nn.Linear4bit(
+                weight.shape[2],
+                weight.shape[1],
+                bias=False,
+                compute_dtype=torch.bfloat16,
+                quant_type="nf4",
+                compress_statistics=True,
+            )
+            layer.weight = bnb.nn.Params4bit(
+                weight[e].detach().cpu(), requires_grad=False, quant_type="nf4"
+            )
+            layers.append(layer)
+        return layers.to("cuda")
+
+    gate_up, down = quantized(reference.gate_up_proj), quantized(reference.down_proj)
+    act = reference.act_fn
+
+    def forward(x, top_k_index, top_k_weights):
+        out = torch.zeros_like(x)
+        for e in range(EXPERTS):
+            token, slot = torch.where(top_k_index == e)
+            if token.numel() == 0:
+                continue
+            gate, up = gate_up[e](x[token]).chunk(2, dim=-1)
+            y = down[e](act(gate) * up) * top_k_weights[token, slot, None]
+            out = out.index_add(0, token, y.to(out.dtype))
+        return out
+
+    return forward
+
+
+def time_fwd_bwd(
+    fn: Callable, x: torch.Tensor, idx, weights, repeats: int
+) -> tuple[float, int, torch.Tensor]:
+    grad = torch.randn_like(x)
+
+    def step() -> torch.Tensor:
+        x.grad = None
+        out = fn(x, idx, weights)
+        out.backward(grad)
+        return out
+
+    for _ in range(2):
+        step()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    out = step()
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        step()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times), extra, out.detach()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, nargs="+", default=[512, 2048, 8192])
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--skip", nargs="*", default=[], help="variants to leave out")
+    parser.add_argument(
+        "--chunk-mb",
+        type=int,
+        nargs="+",
+        default=[256],
+        help="dequantization chunk budgets to compare for nf4-packed-ours (MiB of BF16 weights)",
+    )
+    parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    args = parser.parse_args()
+
+    import bitsandbytes
+    import transformers
+
+    grouped = make_experts("grouped_mm")
+    eager = make_experts("eager")
+    packed_gate_up, packed_down = (
+        pack_experts(grouped.gate_up_proj.data),
+        pack_experts(grouped.down_proj.data),
+    )
+
+    def ours(chunk_mb: int) -> Callable:
+        def forward(x, idx, w):
+            return experts_4bit_forward(
+                packed_gate_up, packed_down, grouped._apply_gate, x, idx, w, chunk_mb * 2**20
+            )
+
+        return forward
+
+    variants: dict[str, Callable] = {"bf16-eager": eager, "bf16-grouped": grouped}
+    for chunk_mb in args.chunk_mb:
+        variants[f"nf4-packed-ours-{chunk_mb}MiB"] = ours(chunk_mb)
+    if "nf4-linear4bit" not in args.skip:
+        variants["nf4-linear4bit"] = linear4bit_forward(grouped)
+    for name in args.skip:
+        variants.pop(name, None)
+    resident = {
+        "bf16": (grouped.gate_up_proj.numel() + grouped.down_proj.numel()) * 2,
+        "nf4-packed": packed_gate_up.nbytes() + packed_down.nbytes(),
+    }
+
+    rows = []
+    for tokens in args.tokens:
+        torch.manual_seed(tokens)
+        x = torch.randn(tokens, HIDDEN, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        probs = torch.randn(tokens, EXPERTS, device="cuda").softmax(-1)
+        weights, idx = torch.topk(probs, TOP_K)
+        weights = (weights / weights.sum(-1, keepdim=True)).to(torch.bfloat16)
+        results = {}
+        for name, fn in variants.items():
+            ms, extra, out = time_fwd_bwd(fn, x, idx, weights, args.repeats)
+            results[name] = (ms, extra, out)
+        base_ms, _, base_out = results["bf16-grouped"]
+        for name, (ms, extra, out) in results.items():
+            cosine = torch.nn.functional.cosine_similarity(
+                out.float().flatten(), base_out.float().flatten(), dim=0
+            ).item()
+            rows.append(
+                {
+                    "tokens": tokens,
+                    "variant": name,
+                    "median_ms": round(ms, 3),
+                    "ratio_to_bf16_grouped": round(ms / base_ms, 3),
+                    "extra_peak_gib": round(extra / 2**30, 3),
+                    "cosine_to_bf16_grouped": round(cosine, 4),
+                }
+            )
+
+    meta = {
+        "date": date.today().isoformat(),
+        "device": torch.cuda.get_device_name(0),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "bitsandbytes": bitsandbytes.__version__,
+        "python": platform.python_version(),
+        "shape": {
+            "experts": EXPERTS,
+            "hidden": HIDDEN,
+            "intermediate": INTERMEDIATE,
+            "top_k": TOP_K,
+        },
+        "resident_weights_gib": {k: round(v / 2**30, 3) for k, v in resident.items()},
+        "repeats": args.repeats,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "moe_experts.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    lines = [
+        f"# MoE experts layer benchmark ({meta['device']}, {meta['date']})",
+        "",
+        f"torch {meta['torch']}, transformers {meta['transformers']}, bitsandbytes "
+        f"{meta['bitsandbytes']}; one layer E={EXPERTS}, H={HIDDEN}, I={INTERMEDIATE}, "
+        f"top-{TOP_K}; forward + backward "
+        f"w.r.t. the input, weights frozen; median of {args.repeats}. Resident weights: "
+        f"bf16 {meta['resident_weights_gib']['bf16']} GiB, NF4 packed "
+        f"{meta['resident_weights_gib']['nf4-packed']} GiB.",
+        "",
+        "| tokens | variant | median ms | × bf16 grouped | extra peak GiB | cosine to bf16 |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for row in rows:
+        lines.append(
+            f"| {row['tokens']} | {row['variant']} | {row['median_ms']} | "
+            f"{row['ratio_to_bf16_grouped']} | {row['extra_peak_gib']} | "
+            f"{row['cosine_to_bf16_grouped']} |"
+        )
+    (args.out / "moe_experts.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

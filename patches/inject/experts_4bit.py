@@ -1,0 +1,225 @@
+"""4-bit MoE experts for Gemma 4: fused 3D expert weights kept packed in NF4/FP4.
+
+Gemma4TextExperts stores each layer's experts as two fused 3D tensors, gate_up_proj
+(E, 2*I, H) and down_proj (E, H, I). bitsandbytes quantizes only nn.Linear, so under
+`load_in_4bit` they stay BF16 (~46 GB for 26B-A4B). Here each 3D tensor is quantized whole
+(`bitsandbytes.functional.quantize_4bit` over the flattened tensor, so expert e owns a
+contiguous run of packed bytes and absmax blocks) and the forward dequantizes a chunk of
+experts at a time and runs grouped GEMM over the tokens routed to that chunk.
+
+A custom autograd function keeps no dequantized weights between forward and backward: the
+backward dequantizes each chunk again. The extra memory a layer needs is one chunk of BF16
+weights (`chunk_bytes`, 256 MiB by default) instead of the whole layer (1.5 GB at 26B-A4B
+size), at the cost of one more dequantization per chunk in backward.
+
+This module is imported by tests and benchmarks as is; the stackpatch transform that
+installs it into transformers parses this file and inserts its definitions.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+DEFAULT_CHUNK_BYTES = int(os.environ.get("STACKPATCH_EXPERTS_CHUNK_MB", "256")) * 2**20
+
+
+@dataclass
+class PackedExperts:
+    """One fused expert weight (E, out, in), quantized as a whole to 4 bits."""
+
+    data: torch.Tensor  # packed 4-bit values, two per byte, in the tensor's element order
+    state: object  # bitsandbytes.functional.QuantState of the whole tensor
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.state.shape
+
+    @property
+    def num_experts(self) -> int:
+        return self.shape[0]
+
+    def nbytes(self) -> int:
+        absmax = self.state.absmax
+        nested = self.state.state2.absmax.numel() * 4 if self.state.nested else 0
+        return (
+            self.data.numel() * self.data.element_size()
+            + absmax.numel() * absmax.element_size()
+            + nested
+        )
+
+
+def pack_experts(
+    weight: torch.Tensor,
+    quant_type: str = "nf4",
+    blocksize: int = 64,
+    compress_statistics: bool = True,
+    quant_storage: torch.dtype = torch.uint8,
+) -> PackedExperts:
+    """Quantize a fused (E, out, in) expert weight to 4 bits."""
+    import bitsandbytes.functional as bnbf
+
+    _, rows, cols = weight.shape
+    if (rows * cols) % blocksize:
+        raise ValueError(
+            f"one expert has {rows * cols} values, not a multiple of the blocksize {blocksize}: "
+            "its quantization blocks would straddle experts"
+        )
+    data, state = bnbf.quantize_4bit(
+        weight.contiguous(),
+        blocksize=blocksize,
+        compress_statistics=compress_statistics,
+        quant_type=quant_type,
+        quant_storage=quant_storage,
+    )
+    return PackedExperts(data, state)
+
+
+def _plain_absmax(packed: PackedExperts) -> torch.Tensor:
+    """Per-block scales as float32, undoing the double quantization if there is one."""
+    import bitsandbytes.functional as bnbf
+
+    state = packed.state
+    if not state.nested:
+        return state.absmax
+    return bnbf.dequantize_blockwise(state.absmax, state.state2) + state.offset
+
+
+def dequantize_experts(
+    packed: PackedExperts, start: int, stop: int, absmax: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Experts [start, stop) as a dense (stop - start, out, in) tensor in the compute dtype."""
+    import bitsandbytes.functional as bnbf
+
+    state = packed.state
+    _, rows, cols = state.shape
+    per_expert = rows * cols
+    blocks = per_expert // state.blocksize
+    absmax = _plain_absmax(packed) if absmax is None else absmax
+    chunk_state = bnbf.QuantState(
+        absmax=absmax[start * blocks : stop * blocks],
+        shape=torch.Size((stop - start, rows, cols)),
+        code=state.code,
+        blocksize=state.blocksize,
+        quant_type=state.quant_type,
+        dtype=state.dtype,
+    )
+    data = packed.data.view(torch.uint8).view(-1)[start * per_expert // 2 : stop * per_expert // 2]
+    return bnbf.dequantize_4bit(data.unsqueeze(-1), chunk_state)
+
+
+def dequantize_all(packed: PackedExperts) -> torch.Tensor:
+    return dequantize_experts(packed, 0, packed.num_experts)
+
+
+def experts_per_chunk(packed: PackedExperts, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> int:
+    _, rows, cols = packed.shape
+    per_expert = rows * cols * torch.finfo(packed.state.dtype).bits // 8
+    return max(1, min(packed.num_experts, chunk_bytes // per_expert))
+
+
+def _grouped_mm(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """(S, in) @ grouped (n, in, out) -> (S, out), with transformers' fallbacks when importable."""
+    try:
+        from transformers.integrations.moe import _grouped_mm as transformers_grouped_mm
+    except ImportError:  # older transformers: torch's own kernel
+        return torch.nn.functional.grouped_mm(x.to(weight.dtype), weight, offs=offsets)
+    return transformers_grouped_mm(x, weight, offsets)
+
+
+def _chunk_bounds(
+    offsets: torch.Tensor, num_experts: int, per_chunk: int, num_rows: int
+) -> list[tuple[int, int, int, int]]:
+    """(first expert, end expert, first row, end row) per chunk that has rows routed to it."""
+    if per_chunk >= num_experts:  # one chunk: no need to read the offsets back from the GPU
+        return [(0, num_experts, 0, num_rows)]
+    ends = [0, *offsets.tolist()]
+    bounds = []
+    for start in range(0, num_experts, per_chunk):
+        stop = min(num_experts, start + per_chunk)
+        if ends[stop] > ends[start]:
+            bounds.append((start, stop, ends[start], ends[stop]))
+    return bounds
+
+
+def _grouped_linear_4bit(
+    x: torch.Tensor,
+    offsets: torch.Tensor,
+    packed: PackedExperts,
+    per_chunk: int,
+    transpose: bool,
+) -> torch.Tensor:
+    """y[rows of e] = x[rows of e] @ W_e^T (or @ W_e when `transpose`), chunk by chunk."""
+    _, rows, cols = packed.shape
+    out_features = cols if transpose else rows
+    out = x.new_zeros((x.shape[0], out_features), dtype=packed.state.dtype)
+    absmax = _plain_absmax(packed)
+    bounds = _chunk_bounds(offsets, packed.num_experts, per_chunk, x.shape[0])
+    for start, stop, first, end in bounds:
+        weight = dequantize_experts(packed, start, stop, absmax)
+        weight = weight if transpose else weight.transpose(-2, -1)
+        local = (offsets[start:stop] - first).to(torch.int32)
+        out[first:end] = _grouped_mm(x[first:end], weight, local)
+        del weight  # free the chunk before dequantizing the next
+    return out
+
+
+class GroupedLinear4bit(torch.autograd.Function):
+    """Grouped linear over 4-bit experts; backward re-dequantizes instead of saving weights."""
+
+    @staticmethod
+    def forward(ctx, x, offsets, packed, per_chunk):  # type: ignore[override]
+        ctx.save_for_backward(offsets)
+        ctx.packed, ctx.per_chunk, ctx.input_dtype = packed, per_chunk, x.dtype
+        return _grouped_linear_4bit(x, offsets, packed, per_chunk, transpose=False)
+
+    @staticmethod
+    def backward(ctx, grad_output):  # type: ignore[override]
+        (offsets,) = ctx.saved_tensors
+        grad_input = _grouped_linear_4bit(
+            grad_output, offsets, ctx.packed, ctx.per_chunk, transpose=True
+        )
+        return grad_input.to(ctx.input_dtype), None, None, None
+
+
+def grouped_linear_4bit(
+    x: torch.Tensor,
+    offsets: torch.Tensor,
+    packed: PackedExperts,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+) -> torch.Tensor:
+    return GroupedLinear4bit.apply(x, offsets, packed, experts_per_chunk(packed, chunk_bytes))
+
+
+def route(top_k_index: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sort (token, k) pairs by expert: the permutation and the int32 end offset of each expert."""
+    expert_ids = top_k_index.reshape(-1)
+    sorted_ids, perm = torch.sort(expert_ids, stable=True)
+    counts = torch.bincount(sorted_ids, minlength=num_experts)
+    return perm, torch.cumsum(counts, dim=0, dtype=torch.int32)
+
+
+def experts_4bit_forward(
+    gate_up: PackedExperts,
+    down: PackedExperts,
+    apply_gate,
+    hidden_states: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+) -> torch.Tensor:
+    """The MoE experts computation of Gemma4TextExperts with 4-bit weights."""
+    num_tokens, hidden_dim = hidden_states.shape
+    top_k = top_k_index.shape[-1]
+    perm, offsets = route(top_k_index, gate_up.num_experts)
+    routed = hidden_states[perm // top_k]
+    gate_up_out = grouped_linear_4bit(routed, offsets, gate_up, chunk_bytes)
+    down_out = grouped_linear_4bit(apply_gate(gate_up_out), offsets, down, chunk_bytes)
+    weighted = down_out * top_k_weights.reshape(-1)[perm].unsqueeze(-1).to(down_out.dtype)
+    combined = torch.zeros(
+        (num_tokens * top_k, hidden_dim), dtype=weighted.dtype, device=weighted.device
+    )
+    combined = combined.index_copy(0, perm, weighted)
+    return combined.view(num_tokens, top_k, hidden_dim).sum(dim=1).to(hidden_states.dtype)
