@@ -15,6 +15,9 @@ import pytest
 
 from patches.cli import main
 
+# tests/torch needs torch: tests/test_torch_suite.py runs it inside the stack venvs.
+collect_ignore = ["torch"]
+
 FIXTURES = Path(__file__).parent / "fixtures"
 WHEEL_CACHE = Path(
     os.environ.get("STACKPATCH_WHEEL_CACHE", Path.home() / ".cache" / "stackpatch" / "wheels")
@@ -181,3 +184,43 @@ def install(pristine_trees, tmp_path: Path) -> Callable[..., Path]:
         return site
 
     return make
+
+
+VENV_CACHE = Path(
+    os.environ.get("STACKPATCH_VENV_CACHE", Path.home() / ".cache" / "stackpatch" / "venvs")
+)
+# Real stacks with torch 2.13.0 CPU, pinned on the same pip line so pip never pulls a
+# multi-GB CUDA build: the oldest releases supported and the newest at the time of writing.
+STACKS = {
+    "oldest": (
+        "torch==2.13.0",
+        "transformers==5.5.4",
+        "peft==0.19.1",
+        "bitsandbytes==0.49.2",
+        "accelerate==1.13.0",
+    ),
+    "newest": (
+        "torch==2.13.0",
+        "transformers==5.23.0",
+        "peft==0.21.2",
+        "bitsandbytes==0.50.2",
+        "accelerate==1.15.0",
+    ),
+}
+
+
+def stack_python(name: str, extra: tuple[str, ...] = ()) -> Path:
+    """The interpreter of a cached venv holding the stack (built on first use, 1-2 min)."""
+    venv = VENV_CACHE / "-".join(s.replace("==", "") for s in STACKS[name])
+    python = venv / "bin" / "python"
+    pip = [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
+    done = venv / ".complete"
+    if not done.exists():
+        subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True)
+        subprocess.run([*pip, *STACKS[name]], check=True)
+        done.write_text("\n".join(STACKS[name]))
+    for package in extra:
+        probe = subprocess.run([str(python), "-c", f"import {package}"], capture_output=True)
+        if probe.returncode:
+            subprocess.run([*pip, package], check=True)
+    return python

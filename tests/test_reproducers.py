@@ -1,63 +1,17 @@
 """The CPU reproducers on real stacks: the oldest supported releases and the newest.
 
-Each stack is a venv with torch 2.13.0 (CPU) built once and cached in
-~/.cache/stackpatch/venvs (STACKPATCH_VENV_CACHE); the first build takes a minute or two.
+The stacks are venvs with torch 2.13.0 (CPU), built once and cached (conftest.stack_python).
 """
 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from conftest import run_cli_process
+from conftest import run_cli_process, stack_python
 
 pytestmark = pytest.mark.stacks
-
-VENV_CACHE = Path(
-    os.environ.get("STACKPATCH_VENV_CACHE", Path.home() / ".cache" / "stackpatch" / "venvs")
-)
-# torch is pinned on the same line so pip never pulls a multi-GB CUDA build.
-STACKS = {
-    "oldest": (
-        "torch==2.13.0",
-        "transformers==5.5.4",
-        "peft==0.19.1",
-        "bitsandbytes==0.49.2",
-        "accelerate==1.13.0",
-    ),
-    "newest": (
-        "torch==2.13.0",
-        "transformers==5.23.0",
-        "peft==0.21.2",
-        "bitsandbytes==0.50.2",
-        "accelerate==1.15.0",
-    ),
-}
-
-
-def stack_python(name: str) -> Path:
-    venv = VENV_CACHE / "-".join(s.replace("==", "") for s in STACKS[name])
-    done = venv / ".complete"
-    if not done.exists():
-        subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True)
-        subprocess.run(
-            [
-                venv / "bin" / "python",
-                "-m",
-                "pip",
-                "install",
-                "--quiet",
-                "--disable-pip-version-check",
-                *STACKS[name],
-            ],
-            check=True,
-        )
-        done.write_text("\n".join(STACKS[name]))
-    return venv / "bin" / "python"
 
 
 def validate(stack: str, records: Path) -> dict[str, dict]:
