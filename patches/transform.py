@@ -11,6 +11,7 @@ from __future__ import annotations
 import enum
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import ClassVar, TypeVar
 
 import libcst as cst
@@ -205,3 +206,55 @@ def classify(transform_cls: type[PatchTransform], patch_id: str, module: cst.Mod
     if transform.is_fixed_upstream(module):
         return Shape(ShapeKind.FIXED_UPSTREAM, detail="upstream's fix is present")
     return Shape(ShapeKind.MISSING, detail="target shape not found")
+
+
+class _MarkEveryLine(cst.CSTTransformer):
+    """Put a patch's marker at the end of every statement line and block header."""
+
+    def __init__(self, transform: PatchTransform) -> None:
+        self.transform = transform
+
+    def leave_SimpleStatementLine(
+        self, original_node: cst.SimpleStatementLine, updated_node: cst.SimpleStatementLine
+    ) -> cst.SimpleStatementLine:
+        trailing = self.transform.trailing_marker(existing=updated_node.trailing_whitespace)
+        return updated_node.with_changes(trailing_whitespace=trailing)
+
+    def leave_IndentedBlock(
+        self, original_node: cst.IndentedBlock, updated_node: cst.IndentedBlock
+    ) -> cst.IndentedBlock:
+        return updated_node.with_changes(
+            header=self.transform.trailing_marker(existing=updated_node.header)
+        )
+
+    def leave_Decorator(
+        self, original_node: cst.Decorator, updated_node: cst.Decorator
+    ) -> cst.Decorator:
+        trailing = self.transform.trailing_marker(existing=updated_node.trailing_whitespace)
+        return updated_node.with_changes(trailing_whitespace=trailing)
+
+
+_REPO_IMPORT = m.ImportFrom(module=m.Attribute(value=m.Attribute(value=m.Name("patches"))))
+_FUTURE_IMPORT = m.ImportFrom(module=m.Name("__future__"))
+
+
+def injected_statements(transform: PatchTransform, *sources: Path) -> list[cst.BaseStatement]:
+    """The statements of real repository modules, ready to insert into a target file.
+
+    Module docstrings, `from __future__` and imports of other `patches.*` modules (which are
+    injected alongside) are dropped; every line is marked with the patch id.
+    """
+    statements: list[cst.BaseStatement] = []
+    for source in sources:
+        body = list(cst.parse_module(source.read_text(encoding="utf-8")).body)
+        if body and m.matches(body[0], m.SimpleStatementLine(body=[m.Expr(m.SimpleString())])):
+            body = body[1:]
+        kept = [
+            s
+            for s in body
+            if not m.matches(s, m.SimpleStatementLine(body=[_REPO_IMPORT | _FUTURE_IMPORT]))
+        ]
+        marker = transform.marker_line(f"code from stackpatch's {source.name}", indent=False)
+        kept[0] = kept[0].with_changes(leading_lines=[cst.EmptyLine(), marker])
+        statements += [s.visit(_MarkEveryLine(transform)) for s in kept]
+    return statements

@@ -83,7 +83,7 @@ def _package_dirs(patch: Patch) -> set[str]:
     return {target.path.split("/", 1)[0] for target in patch.targets}
 
 
-def _overlay(
+def unpatched_copy(
     patch: Patch, env: Environment, manifest: Manifest, store: StateStore, dest: Path
 ) -> None:
     """Copy the patch's packages to `dest` with every file at its original, unpatched bytes."""
@@ -103,7 +103,7 @@ def _overlay(
     )
 
 
-def _apply_one(patch: Patch, overlay: Path) -> str | None:
+def apply_to_copy(patch: Patch, overlay: Path) -> str | None:
     """Apply `patch` to the overlay; say why not when it does not apply (e.g. fixed upstream)."""
     env = locate({patch.package}, site_packages=str(overlay))
     store = StateStore(env.site_packages, env.state_dir)
@@ -160,9 +160,9 @@ def validate(patch: Patch, python: str | None, site_packages: str | None) -> Val
     reproducer = ROOT / patch.reproducer
     with tempfile.TemporaryDirectory(prefix=f"stackpatch-{patch.id}-") as scratch:
         unpatched, patched = Path(scratch) / "unpatched", Path(scratch) / "patched"
-        _overlay(patch, env, manifest, store, unpatched)
+        unpatched_copy(patch, env, manifest, store, unpatched)
         shutil.copytree(unpatched, patched)
-        not_applied = _apply_one(patch, patched)
+        not_applied = apply_to_copy(patch, patched)
         before = _run_reproducer(interpreter, reproducer, unpatched)
         if not_applied is None:
             after = _run_reproducer(interpreter, reproducer, patched)

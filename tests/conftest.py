@@ -26,7 +26,14 @@ WHEEL_CACHE = Path(
 # What the synthetic environment holds: the fixtures' target shapes at the real paths
 # (a file several patches target is the concatenation of their fixtures).
 SYNTHETIC = {
-    "transformers": ("5.5.4", {"transformers/models/gemma4/modeling_gemma4.py": ["p10"]}),
+    "transformers": (
+        "5.5.4",
+        {
+            "transformers/models/gemma4/modeling_gemma4.py": ["p10"],
+            "transformers/integrations/bitsandbytes.py": ["p13/bitsandbytes"],
+            "transformers/quantizers/quantizer_bnb_4bit.py": ["p13/quantizer_bnb_4bit"],
+        },
+    ),
     "bitsandbytes": (
         "0.49.2",
         {

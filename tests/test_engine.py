@@ -12,6 +12,10 @@ MODELING = "transformers/models/gemma4/modeling_gemma4.py"
 MODULES = "bitsandbytes/nn/modules.py"
 FUNCTIONS = "bitsandbytes/autograd/_functions.py"
 LORA_MODEL = "peft/tuners/lora/model.py"
+P13_FILES = (
+    "transformers/integrations/bitsandbytes.py",
+    "transformers/quantizers/quantizer_bnb_4bit.py",
+)
 
 
 def test_check_reports_pending_with_documented_json(synthetic_site: Path, cli) -> None:
@@ -36,6 +40,7 @@ def test_check_reports_pending_with_documented_json(synthetic_site: Path, cli) -
         "P10": "pending",
         "P11": "pending",
         "P12": "pending",
+        "P13": "pending",
     }
     assert report["patches"][0]["installed_version"] == "0.49.2"
 
@@ -53,15 +58,16 @@ def test_apply_verify_revert_round_trip(synthetic_site: Path, cli) -> None:
         "P10": "applied",
         "P11": "applied",
         "P12": "applied",
+        "P13": "applied",
     }
-    assert sorted(applied.json["written"]) == [MODULES, LORA_MODEL, MODELING]
+    assert sorted(applied.json["written"]) == sorted([MODULES, LORA_MODEL, MODELING, *P13_FILES])
     assert "# stackpatch P10" in (synthetic_site / MODELING).read_text()
     assert "**kwargs,  # stackpatch P11" in (synthetic_site / MODULES).read_text()
     assert cli("--verify", *site).code == 0
 
     reverted = cli("--revert", "--json", *site)
     assert reverted.code == 0
-    assert sorted(reverted.json["written"]) == [MODULES, LORA_MODEL, MODELING]
+    assert sorted(reverted.json["written"]) == sorted([MODULES, LORA_MODEL, MODELING, *P13_FILES])
     assert snapshot(synthetic_site) == before  # byte-exact, and no .stackpatch left behind
 
 
@@ -110,10 +116,11 @@ def test_only_and_skip_select_patches(synthetic_site: Path, cli) -> None:
         "P10": "applied",
         "P11": "pending",
         "P12": "pending",
+        "P13": "pending",
     }
-    assert cli("--verify", "--skip", "P3,P11,P12", "-q", *site).code == 0
+    assert cli("--verify", "--skip", "P3,P11,P12,P13", "-q", *site).code == 0
     skipped = cli("--check", "--json", "--skip", "P10,P1", *site).json["patches"]
-    assert [p["id"] for p in skipped] == ["P3", "P11", "P12"]
+    assert [p["id"] for p in skipped] == ["P3", "P11", "P12", "P13"]
 
 
 def test_partial_revert_keeps_other_files(synthetic_site: Path, cli) -> None:
@@ -129,6 +136,7 @@ def test_partial_revert_keeps_other_files(synthetic_site: Path, cli) -> None:
         "P10": "applied",
         "P11": "pending",
         "P12": "applied",
+        "P13": "applied",
     }
 
 

@@ -48,6 +48,7 @@ def test_old_stack_full_cycle(install, cli) -> None:
         "P10": "pending",
         "P11": "pending",
         "P12": "pending",
+        "P13": "pending",
     }
     assert check.json["environment"]["packages"] == {
         "bitsandbytes": "0.49.2",
@@ -70,6 +71,7 @@ def test_old_stack_full_cycle(install, cli) -> None:
         "P10": "drifted",
         "P11": "applied",
         "P12": "applied",
+        "P13": "applied",
     }
 
     assert cli("--apply", "-q", *args).code == 0
@@ -89,7 +91,7 @@ def test_patched_code_compiles_and_keeps_its_meaning(install, cli) -> None:
     assert "        **kwargs,  # stackpatch P11\n" in modules
 
 
-def test_new_stack_needs_only_the_peft_patch(install, cli) -> None:
+def test_new_stack_needs_the_peft_and_experts_patches(install, cli) -> None:
     site = install(*NEW_STACK)
     args = ("--site-packages", str(site))
     check = cli("--check", "--json", *args)
@@ -100,10 +102,15 @@ def test_new_stack_needs_only_the_peft_patch(install, cli) -> None:
         "P10": "fixed-upstream",
         "P11": "fixed-upstream",
         "P12": "pending",
+        "P13": "pending",
     }
     assert cli("--verify", "-q", *args).code == 1
     apply = cli("--apply", "--json", *args)
-    assert apply.json["written"] == ["peft/tuners/lora/model.py"]
+    assert sorted(apply.json["written"]) == [
+        "peft/tuners/lora/model.py",
+        "transformers/integrations/bitsandbytes.py",
+        "transformers/quantizers/quantizer_bnb_4bit.py",
+    ]
     assert cli("--verify", "-q", *args).code == 0
     assert cli("--revert", "-q", *args).code == 0
     assert_identical_to_wheels(site, NEW_STACK)
@@ -164,6 +171,7 @@ def test_python_option_targets_another_environment(tmp_path: Path) -> None:
         "P10": "pending",
         "P11": "not-installed",
         "P12": "not-installed",
+        "P13": "pending",
     }
 
     assert run_cli_process("--apply", "-q", "--python", str(python)).code == 0

@@ -27,7 +27,7 @@ def validate(stack: str, records: Path) -> dict[str, dict]:
 
 def test_oldest_stack_shows_bug_then_fix(tmp_path: Path) -> None:
     records = validate("oldest", tmp_path)
-    assert set(records) == {"P10", "P11", "P12"}
+    assert set(records) == {"P10", "P11", "P12", "P13"}
     for record in records.values():
         assert record["before"]["outcome"] == "bug"
         assert record["after"]["outcome"] == "fine"
@@ -40,7 +40,7 @@ def test_oldest_stack_shows_bug_then_fix(tmp_path: Path) -> None:
 
 def test_newest_stack(tmp_path: Path) -> None:
     records = validate("newest", tmp_path)
-    assert set(records) == {"P10", "P11", "P12"}
+    assert set(records) == {"P10", "P11", "P12", "P13"}
     for fixed_upstream in ("P10", "P11"):
         assert records[fixed_upstream]["before"]["outcome"] == "fine"
         assert records[fixed_upstream]["after"]["outcome"] == "not-applicable"
@@ -48,5 +48,9 @@ def test_newest_stack(tmp_path: Path) -> None:
     assert records["P12"]["before"]["outcome"] == "bug"
     assert records["P12"]["after"]["outcome"] == "fine"
     assert "Gemma4ClippableLinear" in records["P12"]["before"]["error"]
+    # Stock transformers still leaves Gemma 4's experts in BF16 under load_in_4bit.
+    assert records["P13"]["before"]["outcome"] == "bug"
+    assert records["P13"]["after"]["outcome"] == "fine"
+    assert "stays torch.bfloat16" in records["P13"]["before"]["error"]
     assert records["P10"]["packages"]["transformers"] == "5.23.0"
     assert records["P11"]["packages"]["bitsandbytes"] == "0.50.2"

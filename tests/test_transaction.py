@@ -54,13 +54,13 @@ def _count_writes(site: Path) -> int:
     return counter.calls
 
 
-def test_a_fresh_apply_makes_eight_writes(synthetic_site: Path) -> None:
-    # three backups, the in-flight manifest, three files, the final manifest
-    assert _count_writes(synthetic_site) == 8
+def test_a_fresh_apply_makes_twelve_writes(synthetic_site: Path) -> None:
+    # five backups, the in-flight manifest, five files, the final manifest
+    assert _count_writes(synthetic_site) == 12
 
 
 @pytest.mark.parametrize("torn", [False, True], ids=["clean-failure", "torn-write"])
-@pytest.mark.parametrize("fail_at", range(1, 9))
+@pytest.mark.parametrize("fail_at", range(1, 13))
 def test_nth_write_failure_restores_everything(
     synthetic_site: Path, fail_at: int, torn: bool
 ) -> None:
@@ -70,14 +70,15 @@ def test_nth_write_failure_restores_everything(
     assert snapshot(synthetic_site) == before
 
 
-@pytest.mark.parametrize("fail_at", range(1, 5))
+@pytest.mark.parametrize("fail_at", range(1, 9))
 def test_failure_while_extending_a_patched_environment(
     synthetic_site: Path, cli, fail_at: int
 ) -> None:
-    # P10 and P12 already applied; adding P11 must not disturb their records or backups.
+    # P10 and P12 already applied; adding the rest must not disturb their records or backups.
     cli("--apply", "--only", "P10,P12", "-q", "--site-packages", str(synthetic_site))
     before = snapshot(synthetic_site)
-    assert _count_writes_copy(synthetic_site) == 4  # one backup, in-flight, one file, manifest
+    # P3+P11 share one file, P13 has two: three backups, in-flight, three files, manifest
+    assert _count_writes_copy(synthetic_site) == 8
     with pytest.raises(InjectedFault):
         _apply(synthetic_site, FailingWriter(fail_at, torn=True))
     assert snapshot(synthetic_site) == before
@@ -106,7 +107,7 @@ def test_crash_after_some_writes_is_undone_by_revert(
 
     monkeypatch.setattr("patches.transaction._roll_back", no_rollback)
     with pytest.raises(Killed):
-        _apply(synthetic_site, _KillAt(6, Killed))  # after the first target file was written
+        _apply(synthetic_site, _KillAt(8, Killed))  # after the first target file was written
     monkeypatch.undo()
 
     site = ("--site-packages", str(synthetic_site))
@@ -135,7 +136,7 @@ def test_revert_proves_bytes_by_hash(synthetic_site: Path, cli) -> None:
     cli("--apply", "-q", "--site-packages", str(synthetic_site))
     store = StateStore(synthetic_site, synthetic_site / ".stackpatch")
     outcome = revert(store.load(__version__), store, __version__)
-    assert len(outcome.written) == 3
+    assert len(outcome.written) == 5
     assert snapshot(synthetic_site) == before
 
 
