@@ -58,6 +58,9 @@ class Report:
     def ok(self) -> bool:
         return not self.problems
 
+    def verified_for(self, patch_id: str) -> str:
+        return self.verified.get(patch_id, "unverified")
+
     def to_json(self) -> str:
         env = self.environment
         return json.dumps(
@@ -73,8 +76,7 @@ class Report:
                     "packages": env.versions(),
                 },
                 "patches": [
-                    _assessment_json(a, self.verified.get(a.patch.id, "unverified"))
-                    for a in self.assessments
+                    _assessment_json(a, self.verified_for(a.patch.id)) for a in self.assessments
                 ],
                 "problems": list(self.problems),
                 "written": list(self.written),
@@ -128,7 +130,7 @@ def render(report: Report, console: Console, quiet: bool) -> None:
         packages = ", ".join(f"{n} {v}" for n, v in env.versions().items()) or "none of the targets"
         console.print(f"[bold]stackpatch {report.tool_version}[/] · {env.site_packages}")
         console.print(f"python {env.python_version} · {packages}")
-        console.print(_table(report.assessments, report.verified))
+        console.print(_table(report))
         verb = "restored" if report.command == "revert" else "patched"
         for path in report.written:
             console.print(f"[green]{verb}[/] {path}")
@@ -141,12 +143,12 @@ def render(report: Report, console: Console, quiet: bool) -> None:
         console.print(f"{report.command}: {verdict}")
 
 
-def _table(assessments: Sequence[Assessment], verified: dict[str, str]) -> Table:
+def _table(report: Report) -> Table:
     table = Table(show_lines=False, header_style="bold")
     for column in ("id", "package", "installed", "affected", "status", "verified", "state"):
         table.add_column(column, no_wrap=True)
     table.add_column("detail", overflow="fold", ratio=1)
-    for a in assessments:
+    for a in report.assessments:
         style = STATE_STYLE[a.state]
         table.add_row(
             a.patch.id,
@@ -154,7 +156,7 @@ def _table(assessments: Sequence[Assessment], verified: dict[str, str]) -> Table
             a.installed_version or "-",
             a.patch.affected,
             a.patch.status.value,
-            verified.get(a.patch.id, "unverified"),
+            report.verified_for(a.patch.id),
             f"[{style}]{a.state.value}[/]",
             escape(a.detail),
         )

@@ -118,6 +118,10 @@ class PatchTransform(VisitorBasedCodemodCommand):
     def marker_line(self, note: str = "", indent: bool = True) -> cst.EmptyLine:
         return cst.EmptyLine(indent=indent, comment=self.marker(note))
 
+    def marked_statement(self, source: str) -> cst.BaseStatement:
+        """Parse one statement of new code with every line of it marked."""
+        return cst.parse_statement(source).visit(_MarkEveryLine(self))
+
     def carries_marker(self, node: cst.CSTNode | None) -> bool:
         """True when `node` holds this patch's marker: the site was rewritten already."""
         if node is None:

@@ -67,7 +67,7 @@ class Validation:
                 "error": self.before.error,
             },
             "after": {
-                "fixed": self.before.outcome == "bug" and self.after.outcome == "fine",
+                "fixed": self.proves_fix,
                 "outcome": self.after.outcome,
                 "error": self.after.error,
             },
@@ -156,16 +156,15 @@ def validate(patch: Patch, python: str | None, site_packages: str | None) -> Val
         )
     store = StateStore(env.site_packages, env.state_dir)
     manifest = store.load(__version__)
-    interpreter = env.python if site_packages is None else (python or env.python)
     reproducer = ROOT / patch.reproducer
     with tempfile.TemporaryDirectory(prefix=f"stackpatch-{patch.id}-") as scratch:
         unpatched, patched = Path(scratch) / "unpatched", Path(scratch) / "patched"
         unpatched_copy(patch, env, manifest, store, unpatched)
         shutil.copytree(unpatched, patched)
         not_applied = apply_to_copy(patch, patched)
-        before = _run_reproducer(interpreter, reproducer, unpatched)
+        before = _run_reproducer(env.python, reproducer, unpatched)
         if not_applied is None:
-            after = _run_reproducer(interpreter, reproducer, patched)
+            after = _run_reproducer(env.python, reproducer, patched)
         else:
             after = Run("not-applicable", not_applied, "", "")
     return Validation(patch, env, before, after)

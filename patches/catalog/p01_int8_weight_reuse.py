@@ -51,20 +51,10 @@ class ReuseInt8Weight(PatchTransform):
                 self.count_rewrite()
         return updated_node.with_changes(body=body)
 
-    def _override(self) -> cst.If:
-        guard = cst.ensure_type(
-            cst.parse_statement(
-                'if B.dtype == torch.int8 and getattr(B, "SCB", None) is not None:\n'
-                "    state.CB, state.SCB = B, B.SCB\n"
-            ),
-            cst.If,
-        )
-        (reuse,) = cst.ensure_type(guard.body, cst.IndentedBlock).body
-        reuse = cst.ensure_type(reuse, cst.SimpleStatementLine).with_changes(
-            trailing_whitespace=self.trailing_marker()
-        )
-        return guard.with_changes(
-            body=guard.body.with_changes(header=self.trailing_marker(), body=[reuse])
+    def _override(self) -> cst.BaseStatement:
+        return self.marked_statement(
+            'if B.dtype == torch.int8 and getattr(B, "SCB", None) is not None:\n'
+            "    state.CB, state.SCB = B, B.SCB\n"
         )
 
 

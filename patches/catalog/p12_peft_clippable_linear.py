@@ -9,11 +9,10 @@ from patches.model import Patch, Status, Target
 from patches.transform import PatchTransform
 
 # Redirect the LoRA layer to the wrapper's inner nn.Linear; the wrapper keeps its clamps.
+# The assignment is one line in the target, so its marker sits on the line it adds.
 REDIRECT = (
-    "_stackpatch_inner = (\n"
-    '    getattr(target, "linear", None) if type(target).__name__ == "Gemma4ClippableLinear" '
-    "else None\n"
-    ")\n",
+    '_stackpatch_inner = getattr(target, "linear", None) '
+    'if type(target).__name__ == "Gemma4ClippableLinear" else None\n',
     "if isinstance(_stackpatch_inner, torch.nn.Linear):\n"
     '    parent, target, target_name = target, _stackpatch_inner, "linear"\n',
 )
@@ -41,23 +40,7 @@ class AdaptLinearInsideClippableLinear(PatchTransform):
         )
 
     def _redirect(self) -> list[cst.BaseStatement]:
-        assign = cst.ensure_type(cst.parse_statement(REDIRECT[0]), cst.SimpleStatementLine)
-        guard = cst.ensure_type(cst.parse_statement(REDIRECT[1]), cst.If)
-        (swap,) = cst.ensure_type(guard.body, cst.IndentedBlock).body
-        swap = cst.ensure_type(swap, cst.SimpleStatementLine)
-        # Keep the assignment on one line so its marker is on the line it changes.
-        value = cst.ensure_type(assign.body[0], cst.Assign).value.with_changes(lpar=[], rpar=[])
-        assign = assign.with_changes(
-            body=[cst.ensure_type(assign.body[0], cst.Assign).with_changes(value=value)],
-            trailing_whitespace=self.trailing_marker(),
-        )
-        guard = guard.with_changes(
-            body=guard.body.with_changes(
-                header=self.trailing_marker(),
-                body=[swap.with_changes(trailing_whitespace=self.trailing_marker())],
-            )
-        )
-        return [assign, guard]
+        return [self.marked_statement(source) for source in REDIRECT]
 
 
 PATCH = Patch(

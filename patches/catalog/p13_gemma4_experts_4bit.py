@@ -48,10 +48,7 @@ class QuantizeExpertsInBnbIntegration(PatchTransform):
         if self.carries_marker(original_node) or self.rewritten != 1:
             return updated_node
         self.count_rewrite()
-        registration = cst.parse_statement("stackpatch_register_experts_4bit()\n")
-        registration = cst.ensure_type(registration, cst.SimpleStatementLine).with_changes(
-            trailing_whitespace=self.trailing_marker()
-        )
+        registration = self.marked_statement("stackpatch_register_experts_4bit()\n")
         injected = [*injected_statements(self, *SOURCES), registration]
         return updated_node.with_changes(body=[*updated_node.body, *injected])
 
@@ -93,23 +90,7 @@ class QuantizeExpertsInBnb4bitQuantizer(PatchTransform):
         return updated_node.with_changes(body=updated_node.body.with_changes(body=body))
 
     def _marked(self, sources: tuple[str, ...]) -> list[cst.BaseStatement]:
-        statements = []
-        for source in sources:
-            statement = cst.parse_statement(source)
-            if isinstance(statement, cst.If):
-                (inner,) = cst.ensure_type(statement.body, cst.IndentedBlock).body
-                inner = cst.ensure_type(inner, cst.SimpleStatementLine).with_changes(
-                    trailing_whitespace=self.trailing_marker()
-                )
-                statement = statement.with_changes(
-                    body=statement.body.with_changes(header=self.trailing_marker(), body=[inner])
-                )
-            else:
-                statement = cst.ensure_type(statement, cst.SimpleStatementLine).with_changes(
-                    trailing_whitespace=self.trailing_marker()
-                )
-            statements.append(statement)
-        return statements
+        return [self.marked_statement(source) for source in sources]
 
     def _prepend(self, function: cst.FunctionDef, sources: tuple[str, ...]) -> cst.FunctionDef:
         self.count_rewrite()
