@@ -3,7 +3,12 @@
 
 import sys
 
-from patches.cli import main
+from patches.entry import launch
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(
+        launch(
+            "patches.cli",
+            "run stackpatch from an environment that has them and point it here with --python",
+        )
+    )

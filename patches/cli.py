@@ -6,27 +6,56 @@ Exit codes: 0 fine, 1 problems found, 2 usage or environment error.
 from __future__ import annotations
 
 import argparse
+import datetime
+import json
 import os
 import sys
 import traceback
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from packaging.utils import canonicalize_name
 from rich.console import Console
 from rich.markup import escape
+from rich.progress import Progress, SpinnerColumn, TextColumn
 from rich.table import Table
 
 from patches import __version__
+from patches.compare import (
+    assess_release,
+    compare,
+    load_matrix,
+    matrix_for,
+    matrix_problems,
+    matrix_tables,
+    merge_matrix,
+    target_files,
+)
 from patches.environment import Environment, locate
 from patches.errors import StackpatchError, UsageError
 from patches.manifest import Manifest
 from patches.model import Patch
 from patches.plan import make_plan
 from patches.registry import load_patches, parse_id_list, select
-from patches.report import Report, problems_for, render
-from patches.status_doc import RECORDS_DIR, load_records, render_status, verified_statuses
-from patches.store import StateStore
+from patches.releases import parse_requirement, resolve_against
+from patches.report import (
+    Report,
+    comparisons_json,
+    problems_for,
+    render,
+    render_comparisons,
+    render_matrix,
+)
+from patches.status_doc import (
+    MATRIX_FILE,
+    RECORDS_DIR,
+    STATUS_FILE,
+    current_status,
+    load_records,
+    verified_statuses,
+)
+from patches.store import StateStore, atomic_write
 from patches.transaction import Outcome, apply_plan, revert
 from patches.validate import validate, write_record
 
@@ -85,6 +114,28 @@ def build_parser() -> argparse.ArgumentParser:
         help="where --validate writes its records (default: validation/records)",
     )
     parser.add_argument(
+        "--against",
+        action="append",
+        default=[],
+        metavar="RELEASE",
+        help="with --check: assess a release before upgrading to it; a requirement "
+        "(transformers==5.23.0), a wheel file or an unpacked directory; repeatable",
+    )
+    parser.add_argument(
+        "--matrix",
+        nargs="+",
+        default=[],
+        metavar="REQUIREMENT",
+        help="assess every published release in each range, e.g. 'transformers>=5.5'; "
+        "writes validation/matrix.json and VALIDATION-STATUS.md",
+    )
+    parser.add_argument(
+        "--all",
+        dest="every_release",
+        action="store_true",
+        help="with --matrix: every release, not only the newest patch release per minor",
+    )
+    parser.add_argument(
         "--json", action="store_true", help="print the report as JSON (schema in README)"
     )
     parser.add_argument("-q", "--quiet", action="store_true", help="print problems only")
@@ -103,6 +154,9 @@ class Options:
     json: bool
     quiet: bool
     records: str = str(RECORDS_DIR)
+    against: tuple[str, ...] = ()
+    matrix: tuple[str, ...] = ()
+    every_release: bool = False
 
     @property
     def selected_ids(self) -> set[str]:
@@ -115,6 +169,14 @@ def parse_options(argv: Sequence[str]) -> Options:
     chosen = select(load_patches(), only, skip)
     if not chosen:
         raise UsageError("--only/--skip left no patch to work on")
+    if args.against and args.command != "check":
+        raise UsageError("--against goes with --check (the default), not --" + args.command)
+    if args.matrix and (args.command != "check" or args.against):
+        raise UsageError(
+            "--matrix is a mode of its own: drop --" + ("against" if args.against else args.command)
+        )
+    if args.every_release and not args.matrix:
+        raise UsageError("--all goes with --matrix")
     return Options(
         command=args.command,
         patches=chosen,
@@ -125,6 +187,9 @@ def parse_options(argv: Sequence[str]) -> Options:
         json=args.json,
         quiet=args.quiet,
         records=args.records,
+        against=tuple(args.against),
+        matrix=tuple(args.matrix),
+        every_release=args.every_release,
     )
 
 
@@ -157,10 +222,14 @@ def _assess(
 
 def run(options: Options, out: Console) -> int:
     if options.command == "validation-status":
-        out.file.write(render_status(load_patches(), load_records()))
+        out.file.write(current_status())
         return 0
     if options.command == "validate":
         return run_validation(options, out)
+    if options.matrix:
+        return run_matrix(options, out)
+    if options.against:
+        return run_against(options, out)
     env = locate({p.package for p in options.patches}, options.python, options.site_packages)
     store = StateStore(env.site_packages, env.state_dir)
     outcome: Outcome | None = None
@@ -188,6 +257,69 @@ def run(options: Options, out: Console) -> int:
     else:
         render(report, out, options.quiet)
     return 0 if report.ok else 1
+
+
+def run_against(options: Options, out: Console) -> int:
+    env = locate({p.package for p in options.patches}, options.python, options.site_packages)
+    manifest = StateStore(env.site_packages, env.state_dir).load(__version__)
+    installed = make_plan(options.patches, env, manifest, options.include_historical).assessments
+    files = target_files(options.patches)
+    releases = [r for spec in options.against for r in resolve_against(spec, files)]
+    comparisons = [
+        c
+        for release in releases
+        for c in compare(
+            installed, assess_release(options.patches, release, options.include_historical)
+        )
+    ]
+    if options.json:
+        out.file.write(comparisons_json(env, comparisons) + "\n")
+    else:
+        render_comparisons(env, comparisons, out, options.quiet)
+    return 1 if any(c.is_problem for c in comparisons) else 0
+
+
+def run_matrix(options: Options, out: Console) -> int:
+    known = {p.package for p in options.patches}
+    requirements = [parse_requirement(spec, sorted(known)) for spec in options.matrix]
+    progress_console = Console(stderr=True, quiet=options.quiet or options.json)
+    cells = []
+    with Progress(
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        console=progress_console,
+        transient=True,
+    ) as progress:
+        task = progress.add_task("listing releases")
+        for requirement in requirements:
+            cells += matrix_for(
+                options.patches,
+                requirement,
+                options.every_release,
+                options.include_historical,
+                lambda what: progress.update(task, description=f"assessing {what}"),
+            )
+    meta = {
+        "date": datetime.date.today().isoformat(),
+        "requirements": {
+            canonicalize_name(r.name): {
+                "requirement": str(r),
+                "every_release": options.every_release,
+            }
+            for r in requirements
+        },
+    }
+    matrix = merge_matrix(load_matrix(MATRIX_FILE), cells, meta)
+    atomic_write(MATRIX_FILE, (json.dumps(matrix, indent=1) + "\n").encode())
+    atomic_write(STATUS_FILE, current_status().encode())
+    problems = matrix_problems([asdict(c) for c in cells])
+    if options.json:
+        out.file.write(json.dumps({**matrix, "problems": problems}, indent=1) + "\n")
+    else:
+        render_matrix(matrix_tables([asdict(c) for c in cells]), problems, out, options.quiet)
+        if not options.quiet:
+            out.print(f"wrote {MATRIX_FILE.name} and {STATUS_FILE.name}")
+    return 1 if problems else 0
 
 
 def run_validation(options: Options, out: Console) -> int:

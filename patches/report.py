@@ -26,6 +26,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from patches.compare import Comparison, MatrixTable, cell_label
 from patches.environment import Environment
 from patches.model import Assessment, State
 
@@ -136,11 +137,16 @@ def render(report: Report, console: Console, quiet: bool) -> None:
             console.print(f"[green]{verb}[/] {path}")
         for path in report.dropped:
             console.print(f"[dim]forgot[/] {path} (no stackpatch change left in it)")
-    for problem in report.problems:
+    print_verdict(report.command, report.problems, console, quiet)
+
+
+def print_verdict(command: str, problems: Sequence[str], console: Console, quiet: bool) -> None:
+    """One line per problem, then `command: ok` or the count (the count only when not quiet)."""
+    for problem in problems:
         console.print(f"[red]problem:[/] {escape(problem)}", highlight=False)
     if not quiet:
-        verdict = "[green]ok[/]" if report.ok else f"[red]{len(report.problems)} problem(s)[/]"
-        console.print(f"{report.command}: {verdict}")
+        verdict = "[green]ok[/]" if not problems else f"[red]{len(problems)} problem(s)[/]"
+        console.print(f"{command}: {verdict}")
 
 
 def _table(report: Report) -> Table:
@@ -161,3 +167,81 @@ def _table(report: Report) -> Table:
             escape(a.detail),
         )
     return table
+
+
+# --- --check --against ------------------------------------------------------------------
+
+
+def render_comparisons(
+    environment: Environment, comparisons: Sequence[Comparison], console: Console, quiet: bool
+) -> None:
+    problems = [c.problem_line() for c in comparisons if c.is_problem]
+    if not quiet:
+        packages = ", ".join(f"{n} {v}" for n, v in environment.versions().items()) or "-"
+        console.print(f"[bold]stackpatch[/] · installed: {packages}")
+        table = Table(header_style="bold")
+        for column in ("id", "package", "installed", "state now", "against", "state then"):
+            table.add_column(column, no_wrap=True)
+        table.add_column("what changes", overflow="fold", ratio=1)
+        for c in comparisons:
+            now, then = c.installed, c.candidate
+            table.add_row(
+                now.patch.id,
+                now.patch.package,
+                now.installed_version or "-",
+                f"[{STATE_STYLE[now.state]}]{now.state.value}[/]",
+                then.installed_version or "-",
+                f"[{STATE_STYLE[then.state]}]{then.state.value}[/]",
+                escape(c.describe()),
+            )
+        console.print(table)
+    print_verdict("check --against", problems, console, quiet)
+
+
+def comparisons_json(environment: Environment, comparisons: Sequence[Comparison]) -> str:
+    """Schema `stackpatch/against@1`: one entry per patch and release compared."""
+    problems = [c.problem_line() for c in comparisons if c.is_problem]
+    return json.dumps(
+        {
+            "schema": "stackpatch/against@1",
+            "ok": not problems,
+            "installed": environment.versions(),
+            "patches": [
+                {
+                    "id": c.installed.patch.id,
+                    "package": c.installed.patch.package,
+                    "installed_version": c.installed.installed_version,
+                    "installed_state": c.installed.state.value,
+                    "candidate_version": c.candidate.installed_version,
+                    "candidate_state": c.candidate.state.value,
+                    "change": c.change,
+                    "detail": c.candidate.detail,
+                }
+                for c in comparisons
+            ],
+            "problems": problems,
+        },
+        indent=2,
+    )
+
+
+# --- --matrix -----------------------------------------------------------------------------
+
+
+def render_matrix(
+    tables: Sequence[MatrixTable], problems: Sequence[str], console: Console, quiet: bool
+) -> None:
+    for matrix in () if quiet else tables:
+        table = Table(header_style="bold")
+        table.add_column(f"{matrix.package} release", no_wrap=True)
+        for patch_id in matrix.patch_ids:
+            table.add_column(patch_id, no_wrap=True)
+        for version, cells in matrix.rows:
+            table.add_row(version, *(_styled_cell(cells.get(i)) for i in matrix.patch_ids))
+        console.print(table)
+    print_verdict("matrix", problems, console, quiet)
+
+
+def _styled_cell(cell: dict | None) -> str:
+    style = STATE_STYLE[State(cell["state"])] if cell else "dim"
+    return f"[{style}]{cell_label(cell)}[/]"

@@ -197,3 +197,20 @@ def test_errors_exit_two_in_a_real_process(tmp_path: Path) -> None:
     result = run_cli_process("--python", str(tmp_path / "missing"))
     assert_one_line_error(result, "does not exist")
     assert os.path.exists(Path(__file__).parent.parent / "apply_patches.py")
+
+
+@pytest.mark.parametrize("script", ["apply_patches.py", "pip_and_patch.py"])
+def test_interpreter_without_the_tool_dependencies(tmp_path: Path, script: str) -> None:
+    venv = tmp_path / "bare"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    root = Path(__file__).resolve().parent.parent
+    completed = subprocess.run(
+        [str(venv / "bin" / "python"), str(root / script), "--verify"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert completed.returncode == 2
+    assert completed.stderr.startswith("error: stackpatch needs ")
+    assert "pip install -r requirements.txt" in completed.stderr
+    assert len(completed.stderr.strip().splitlines()) == 1
