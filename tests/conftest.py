@@ -231,3 +231,22 @@ def stack_python(name: str, extra: tuple[str, ...] = ()) -> Path:
         if probe.returncode:
             subprocess.run([*pip, package], check=True)
     return python
+
+
+OWN_COPIES = ("transformers", "peft", "bitsandbytes")
+
+
+def layered_env(stack: str, dest: Path) -> Path:
+    """A venv that sees a cached stack's packages through a .pth file but owns copies of
+    transformers, peft and bitsandbytes, so stackpatch can patch it without touching the cache.
+    Returns its interpreter."""
+    base = stack_python(stack, extra=("libcst", "rich"))
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(dest)], check=True)
+    (site,) = dest.glob("lib/python*/site-packages")
+    (base_site,) = base.parent.parent.glob("lib/python*/site-packages")
+    (site / "stack.pth").write_text(f"{base_site}\n")
+    for name in OWN_COPIES:
+        shutil.copytree(base_site / name, site / name, ignore=shutil.ignore_patterns("__pycache__"))
+        (info,) = base_site.glob(f"{name}-*.dist-info")
+        shutil.copytree(info, site / info.name)
+    return dest / "bin" / "python"

@@ -1,0 +1,312 @@
+#!/usr/bin/env python3
+"""QLoRA fine-tuning of Gemma 4 (26B-A4B on one 24 GB GPU) on your chat data.
+
+    python examples/train_gemma4_qlora.py --model CKPT_DIR --data chat.jsonl --output-dir run
+    python examples/train_gemma4_qlora.py --tiny --output-dir /tmp/tiny   # offline, CPU, seconds
+    accelerate launch --num_processes 2 examples/train_gemma4_qlora.py ...  # DDP (or FSDP2)
+
+The environment must be patched by stackpatch (`python apply_patches.py --apply`); the script
+checks that first. See README.md, "Training example".
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path[:0] = [str(HERE), str(ROOT)]
+
+# Patches the script relies on: text-only batches (P10) and, for MoE checkpoints, the 4-bit
+# experts (P13). P12 is not needed: LoRA targets only the language model here.
+NEEDED_ALWAYS = ("P10",)
+NEEDED_FOR_MOE = ("P13",)
+LORA_ATTENTION = r"^model\.(language_model\.)?layers\.\d+\.self_attn\.(q|k|v|o)_proj$"
+EXPERT_PARAMETERS = ["experts.gate_up_proj", "experts.down_proj"]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", type=Path, help="a Gemma 4 checkpoint directory")
+    source.add_argument("--tiny", action="store_true", help="build a tiny Gemma 4 and data")
+    parser.add_argument("--data", type=Path, help="JSONL of {'messages': [...]}, or a datasets dir")
+    parser.add_argument("--output-dir", type=Path, required=True)
+    parser.add_argument("--max-length", type=int, default=2048)
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--grad-accum", type=int, default=8)
+    parser.add_argument("--epochs", type=float, default=1.0)
+    parser.add_argument("--max-steps", type=int, default=-1, help="overrides --epochs")
+    parser.add_argument("--lr", type=float, default=2e-4)
+    parser.add_argument("--warmup", type=float, default=0.03, help="fraction of steps")
+    parser.add_argument("--lora-r", type=int, default=16)
+    parser.add_argument("--lora-alpha", type=int, default=16)
+    parser.add_argument("--lora-dropout", type=float, default=0.0)
+    parser.add_argument("--lora-experts", action="store_true", help="also LoRA on the experts")
+    parser.add_argument("--no-4bit", dest="four_bit", action="store_false", help="BF16 base")
+    parser.add_argument("--save-steps", type=int, default=100)
+    parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--skip-patch-check",
+        action="store_true",
+        help="train on an unpatched stack (for comparisons only)",
+    )
+    args = parser.parse_args(argv)
+    if args.model and not args.data:
+        parser.error("--model needs --data")
+    return args
+
+
+def fail(message: str, code: int = 2) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(code)
+
+
+def check_patched(moe: bool) -> None:
+    """Refuse to start on a stack that lacks the patches this run relies on."""
+    from patches.api import verify_problems
+
+    needed = NEEDED_ALWAYS + (NEEDED_FOR_MOE if moe else ())
+    problems = verify_problems(set(needed))
+    if problems:
+        consequence = (
+            " Without P13 the experts of a MoE checkpoint stay BF16 (26B-A4B needs ~46 GB "
+            "instead of ~14)."
+            if any(p.startswith("P13") for p in problems)
+            else ""
+        )
+        fail(
+            f"this environment is not patched as the run needs: {'; '.join(problems)}."
+            f"{consequence} Fix: python {ROOT / 'apply_patches.py'} --apply --python "
+            f"{sys.executable}"
+        )
+
+
+def using_fsdp() -> bool:
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+
+
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def load_model(args: argparse.Namespace, device):
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig
+
+    config = AutoConfig.from_pretrained(args.model)
+    quantization = None
+    if args.four_bit:
+        fsdp = using_fsdp()
+        quantization = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_compute_dtype=torch.bfloat16,
+            bnb_4bit_use_double_quant=True,
+            # FSDP shards flat tensors of one dtype: store the packed weights as BF16 there.
+            bnb_4bit_quant_storage=torch.bfloat16 if fsdp else torch.uint8,
+        )
+    model = AutoModelForCausalLM.from_pretrained(
+        args.model,
+        config=config,
+        quantization_config=quantization,
+        dtype=torch.bfloat16,
+        device_map={"": device},
+    )
+    model.config.use_cache = False
+    return model
+
+
+def freeze_towers(model) -> int:
+    """Vision/audio towers never train; returns how many tensors were frozen."""
+    frozen = 0
+    for name, parameter in model.named_parameters():
+        if "vision" in name or "audio" in name:
+            parameter.requires_grad_(False)
+            frozen += 1
+    return frozen
+
+
+def experts_in_4bit(model) -> tuple[int, int]:
+    """(expert modules packed to 4 bits by P13, expert modules)."""
+    experts = [m for m in model.modules() if type(m).__name__ == "Gemma4TextExperts"]
+    return sum(bool(getattr(m, "_stackpatch_4bit_experts", False)) for m in experts), len(experts)
+
+
+def enable_checkpointing(model) -> int:
+    """Non-reentrant gradient checkpointing, verified on every decoder layer."""
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()
+    layers = [m for m in model.modules() if type(m).__name__ == "Gemma4TextDecoderLayer"]
+    if not layers or not all(getattr(m, "gradient_checkpointing", False) for m in layers):
+        fail("gradient checkpointing did not switch on for the decoder layers")
+    return len(layers)
+
+
+def add_lora(model, args: argparse.Namespace):
+    from peft import LoraConfig, get_peft_model
+
+    extra = {}
+    if args.lora_experts:
+        if args.four_bit:
+            fail(
+                "--lora-experts on 4-bit experts is not supported yet: peft's target_parameters "
+                "wraps nn.Parameter tensors, and P13 packs the experts as 4-bit buffers. Train "
+                "LoRA on attention (the default), or use --no-4bit on a GPU that holds BF16."
+            )
+        extra["target_parameters"] = EXPERT_PARAMETERS
+    config = LoraConfig(
+        r=args.lora_r,
+        lora_alpha=args.lora_alpha,
+        lora_dropout=args.lora_dropout,
+        target_modules=LORA_ATTENTION,
+        task_type="CAUSAL_LM",
+        **extra,
+    )
+    model = get_peft_model(model, config)
+    wrapped = {n.rsplit(".lora_A", 1)[0] for n, _ in model.named_modules() if ".lora_A" in n}
+    leaked = [n for n in wrapped if "vision" in n or "audio" in n]
+    if leaked or not wrapped:
+        fail(f"LoRA landed outside the language model: {leaked[:3]}")
+    return model, len(wrapped)
+
+
+def build_dataset(args: argparse.Namespace, tokenizer):
+    from chat_data import DataProblem, load_conversations, tokenize_conversations
+
+    try:
+        tokenized = tokenize_conversations(
+            tokenizer, load_conversations(args.data), args.max_length
+        )
+    except (DataProblem, OSError) as exc:
+        fail(str(exc))
+    if not tokenized.examples:
+        fail(f"{args.data}: no sample has an assistant token within {args.max_length} tokens")
+    rows = [{"input_ids": e.input_ids, "labels": e.labels} for e in tokenized.examples]
+    return rows, tokenized
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    if args.tiny:
+        from tiny import build
+
+        rank = int(os.environ.get("RANK", "0"))
+        # Every rank builds the same (seeded) model; in its own folder, so writes never race.
+        args.model, tiny_data = build(args.output_dir / ("tiny" if rank == 0 else f"tiny-{rank}"))
+        args.data = args.data or tiny_data
+
+    import torch
+    from qlora_training import Gemma4QLoRATrainer, NonFiniteGuard, ProgressLog, gpu_memory_gib
+    from transformers import AutoConfig, AutoTokenizer, DataCollatorForSeq2Seq, TrainingArguments
+    from transformers.trainer_callback import PrinterCallback
+
+    config = AutoConfig.from_pretrained(args.model)
+    moe = bool(getattr(config.get_text_config(), "enable_moe_block", False))
+    if moe and args.four_bit and using_fsdp():
+        fail(
+            "FSDP with 4-bit experts is not supported: FSDP2 shards P13's packed expert "
+            "tensors, which then reach grouped_mm as plain tensors ('strides should be multiple "
+            "of 16 bytes'). Use DDP (`accelerate launch --multi_gpu`: every GPU holds the "
+            "~13 GiB 4-bit model), or FSDP2 with --no-4bit."
+        )
+    if not args.skip_patch_check:
+        check_patched(moe)
+    cuda = torch.cuda.is_available()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = f"cuda:{local_rank}" if cuda else "cpu"
+    if cuda:
+        torch.cuda.set_device(local_rank)
+
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    rows, tokenized = build_dataset(args, tokenizer)
+    model = load_model(args, device)
+    packed, experts = experts_in_4bit(model)
+    if args.four_bit and packed < experts and not args.skip_patch_check:
+        fail(f"only {packed} of {experts} expert layers were quantized to 4 bits (P13)")
+    frozen = freeze_towers(model)
+    layers = enable_checkpointing(model)
+    model, lora_modules = add_lora(model, args)
+    if is_main_process():
+        print(
+            f"data: {len(rows)} samples, {tokenized.target_tokens} target tokens, "
+            f"{tokenized.truncated} truncated to {args.max_length}, {tokenized.dropped} dropped "
+            f"(no assistant token left)\nmodel: {type(model.get_base_model()).__name__}, "
+            f"{'4-bit NF4' if args.four_bit else 'BF16'}, "
+            f"{f'experts 4-bit in {packed}/{experts} layers, ' if moe and args.four_bit else ''}"
+            f"{frozen} tower tensors frozen, checkpointing on {layers} layers, "
+            f"LoRA on {lora_modules} modules"
+        )
+
+    guard = NonFiniteGuard()
+    log_path = args.output_dir / "log.jsonl"
+    training_args = TrainingArguments(
+        output_dir=str(args.output_dir),
+        per_device_train_batch_size=args.batch_size,
+        gradient_accumulation_steps=args.grad_accum,
+        num_train_epochs=args.epochs,
+        max_steps=args.max_steps,
+        learning_rate=args.lr,
+        lr_scheduler_type="cosine",
+        warmup_steps=args.warmup,
+        max_grad_norm=1.0,
+        # bitsandbytes' optimizers have no DTensor support, which FSDP2 needs; the LoRA
+        # parameters are small enough that plain AdamW costs little there.
+        optim="paged_adamw_8bit" if cuda and not using_fsdp() else "adamw_torch",
+        bf16=cuda,
+        logging_steps=1,
+        save_strategy="steps",
+        save_steps=args.save_steps,
+        save_total_limit=2,
+        report_to=[],
+        disable_tqdm=True,
+        remove_unused_columns=False,
+        include_num_input_tokens_seen="non_padding",
+        ddp_find_unused_parameters=True,
+        seed=args.seed,
+        use_cpu=not cuda,
+    )
+    trainer = Gemma4QLoRATrainer(
+        model=model,
+        args=training_args,
+        train_dataset=rows,
+        data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
+        callbacks=[guard, ProgressLog(log_path, guard)],
+    )
+    trainer.remove_callback(PrinterCallback)  # ProgressLog shows and logs the same
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    resume = bool(args.resume and any(args.output_dir.glob("checkpoint-*")))
+    try:
+        result = trainer.train(resume_from_checkpoint=resume or None)
+    except KeyboardInterrupt:
+        # Ctrl-C: keep what was learnt so far.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        trainer.save_model(str(args.output_dir))
+        print(f"\ninterrupted: adapter saved to {args.output_dir}", file=sys.stderr)
+        return 130
+    trainer.save_model(str(args.output_dir))
+    if trainer.is_world_process_zero():
+        tokenizer.save_pretrained(args.output_dir)
+        summary = {
+            "steps": trainer.state.global_step,
+            "train_loss": result.training_loss,
+            "skipped_nonfinite": guard.skipped,
+            "gpu_peak_gib": round(gpu_memory_gib(), 3),
+            "truncated": tokenized.truncated,
+            "dropped": tokenized.dropped,
+        }
+        (args.output_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+        print(f"adapter saved to {args.output_dir}: {json.dumps(summary)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
