@@ -55,7 +55,7 @@ class QuantizeExpertsInBnbIntegration(PatchTransform):
 
 _CALL_PREPARE = (
     "from ..integrations.bitsandbytes import stackpatch_prepare_experts_4bit\n",
-    "stackpatch_prepare_experts_4bit(\n"
+    "self._stackpatch_packed_experts = stackpatch_prepare_experts_4bit(\n"
     "    model, self.modules_to_not_convert, self.quantization_config\n"
     ")\n",
 )
@@ -63,15 +63,32 @@ _CALL_NEEDS = (
     "from ..integrations.bitsandbytes import stackpatch_experts_needs_quantization\n",
     "if stackpatch_experts_needs_quantization(model, param_name):\n    return True\n",
 )
+_CALL_SERIALIZABLE = (
+    "from ..integrations.bitsandbytes import stackpatch_experts_block_saving\n",
+    "if stackpatch_experts_block_saving(self):\n    return False\n",
+)
+_CALL_DEQUANTIZE = (
+    "from ..integrations.bitsandbytes import stackpatch_dequantize_experts\n",
+    "stackpatch_dequantize_experts(model, dtype)\n",
+    "self._stackpatch_packed_experts = 0\n",
+)
+# Method of Bnb4BitHfQuantizer -> (put the hook first?, the hook's statements).
+_HOOKS = {
+    "param_needs_quantization": (True, _CALL_NEEDS),
+    "_process_model_before_weight_loading": (False, _CALL_PREPARE),
+    "is_serializable": (True, _CALL_SERIALIZABLE),
+    "_dequantize": (True, _CALL_DEQUANTIZE),
+}
 
 
 class QuantizeExpertsInBnb4bitQuantizer(PatchTransform):
     DESCRIPTION = (
-        "Make the 4-bit quantizer prepare experts modules before loading and report their "
-        "fused parameters as needing quantization."
+        "Hook the 4-bit quantizer: prepare experts modules before loading, report their fused "
+        "parameters as needing quantization, refuse to serialize packed experts, and "
+        "dequantize them in model.dequantize()."
     )
     SCOPE = ("Bnb4BitHfQuantizer",)
-    SITES = 2
+    SITES = len(_HOOKS)
 
     def leave_scope(  # type: ignore[override]
         self, original_node: cst.ClassDef, updated_node: cst.ClassDef
@@ -80,31 +97,20 @@ class QuantizeExpertsInBnb4bitQuantizer(PatchTransform):
             return updated_node
         body = []
         for statement in cst.ensure_type(updated_node.body, cst.IndentedBlock).body:
-            if m.matches(statement, m.FunctionDef(name=m.Name("param_needs_quantization"))):
-                statement = self._prepend(cst.ensure_type(statement, cst.FunctionDef), _CALL_NEEDS)
-            elif m.matches(
-                statement, m.FunctionDef(name=m.Name("_process_model_before_weight_loading"))
-            ):
-                statement = self._append(cst.ensure_type(statement, cst.FunctionDef), _CALL_PREPARE)
+            if isinstance(statement, cst.FunctionDef) and statement.name.value in _HOOKS:
+                first, sources = _HOOKS[statement.name.value]
+                statement = self._insert(statement, sources, first)
             body.append(statement)
         return updated_node.with_changes(body=updated_node.body.with_changes(body=body))
 
-    def _marked(self, sources: tuple[str, ...]) -> list[cst.BaseStatement]:
-        return [self.marked_statement(source) for source in sources]
-
-    def _prepend(self, function: cst.FunctionDef, sources: tuple[str, ...]) -> cst.FunctionDef:
+    def _insert(
+        self, function: cst.FunctionDef, sources: tuple[str, ...], first: bool
+    ) -> cst.FunctionDef:
         self.count_rewrite()
         body = cst.ensure_type(function.body, cst.IndentedBlock)
-        return function.with_changes(
-            body=body.with_changes(body=[*self._marked(sources), *body.body])
-        )
-
-    def _append(self, function: cst.FunctionDef, sources: tuple[str, ...]) -> cst.FunctionDef:
-        self.count_rewrite()
-        body = cst.ensure_type(function.body, cst.IndentedBlock)
-        return function.with_changes(
-            body=body.with_changes(body=[*body.body, *self._marked(sources)])
-        )
+        hook = [self.marked_statement(source) for source in sources]
+        statements = [*hook, *body.body] if first else [*body.body, *hook]
+        return function.with_changes(body=body.with_changes(body=statements))
 
 
 PATCH = Patch(
@@ -128,7 +134,11 @@ PATCH = Patch(
         "and a 'bnb_4bit' experts implementation registered in transformers' ExpertsInterface "
         "runs them: it dequantizes a chunk of experts at a time (256 MiB by default), runs "
         "grouped GEMM over the tokens routed to them, and dequantizes again in backward instead "
-        "of keeping BF16 weights alive."
+        "of keeping BF16 weights alive. model.dequantize() turns the experts back into BF16 "
+        "Parameters (which save and reload); save_pretrained on the packed model refuses, with "
+        "a warning that says to save the LoRA adapter or dequantize first, because the packed "
+        "layout cannot be loaded back. LoRA on the experts (peft target_parameters) needs float "
+        "weights: keep them BF16 with llm_int8_skip_modules=['experts']."
     ),
     references=(
         "unsloth PR 'gemma-4 moe: per-expert Linear4bit swap so 26B-A4B fits at 4-bit' (#5432)",

@@ -61,10 +61,53 @@ def stackpatch_prepare_experts_4bit(
             )
             setattr(module, name, placeholder)
         module._stackpatch_4bit_experts = True
-        if getattr(module, "config", None) is not None:
-            module.config._experts_implementation = STACKPATCH_EXPERTS_IMPLEMENTATION
+        config = getattr(module, "config", None)
+        if config is not None:
+            previous = getattr(config, "_experts_implementation", None)
+            if previous != STACKPATCH_EXPERTS_IMPLEMENTATION:
+                config._stackpatch_previous_experts_implementation = previous
+            config._experts_implementation = STACKPATCH_EXPERTS_IMPLEMENTATION
         changed += 1
     return changed
+
+
+def stackpatch_dequantize_experts(model: torch.nn.Module, dtype: torch.dtype | None = None) -> int:
+    """`model.dequantize()` for packed experts: plain frozen Parameters again, in `dtype`."""
+    from bitsandbytes.functional import dequantize_4bit
+
+    changed = 0
+    for module in model.modules():
+        if not getattr(module, "_stackpatch_4bit_experts", False):
+            continue
+        for name in STACKPATCH_EXPERT_PARAMS:
+            packed = getattr(module, name)
+            weight = dequantize_4bit(packed.data, packed.quant_state)
+            weight = weight.to(dtype) if dtype is not None else weight
+            setattr(module, name, torch.nn.Parameter(weight, requires_grad=False))
+        module._stackpatch_4bit_experts = False
+        config = getattr(module, "config", None)
+        if config is not None and hasattr(config, "_stackpatch_previous_experts_implementation"):
+            config._experts_implementation = config._stackpatch_previous_experts_implementation
+        changed += 1
+    return changed
+
+
+STACKPATCH_NOT_SERIALIZABLE = (
+    "stackpatch P13: this model's MoE experts are packed to 4 bits in a layout "
+    "from_pretrained cannot load back, so save_pretrained refuses the model. Save the LoRA "
+    "adapter instead (PeftModel.save_pretrained, then load it onto the original checkpoint "
+    "with load_in_4bit), or call model.dequantize() first and save the BF16 model."
+)
+
+
+def stackpatch_experts_block_saving(quantizer) -> bool:
+    """True (and says why, once) when the quantizer packed experts: save_pretrained must refuse."""
+    if not getattr(quantizer, "_stackpatch_packed_experts", 0):
+        return False
+    from transformers.utils import logging
+
+    logging.get_logger("transformers.quantizers").warning_once(STACKPATCH_NOT_SERIALIZABLE)
+    return True
 
 
 def bnb_4bit_experts_forward(

@@ -149,3 +149,57 @@ def test_backward_reaches_the_input_through_the_experts(checkpoint) -> None:
     weights, index = torch.topk(torch.randn(10, TEXT["num_experts"]).softmax(-1), 2)
     experts(hidden, index, weights.to(torch.bfloat16)).sum().backward()
     assert hidden.grad is not None and hidden.grad.abs().sum() > 0
+
+
+def test_save_pretrained_refuses_packed_experts_and_says_what_to_do(checkpoint, tmp_path) -> None:
+    model = load(checkpoint[0])
+    assert model.hf_quantizer.is_serializable() is False
+    with pytest.raises(ValueError, match="not serializable"):
+        model.save_pretrained(tmp_path / "saved")
+    assert not (tmp_path / "saved" / "model.safetensors").exists()
+    assert "Save the LoRA adapter" in bnb_integration.STACKPATCH_NOT_SERIALIZABLE
+
+
+def test_dequantize_restores_bf16_experts_that_save_and_reload(checkpoint, tmp_path) -> None:
+    model = load(checkpoint[0])
+    ids = torch.randint(0, 512, (1, 12), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        packed_logits = model(ids).logits
+    expected = {
+        name: dequantize_4bit(getattr(module, name).data, getattr(module, name).quant_state)
+        for module in experts_of(model)[:1]
+        for name in ("gate_up_proj", "down_proj")
+    }
+    model.dequantize()
+    for module in experts_of(model):
+        assert not module._stackpatch_4bit_experts
+        assert module.config._experts_implementation != "bnb_4bit"
+        for name in ("gate_up_proj", "down_proj"):
+            tensor = getattr(module, name)
+            assert type(tensor) is torch.nn.Parameter and tensor.dtype == torch.bfloat16
+            assert tensor.dim() == 3 and not tensor.requires_grad
+    for name, weight in expected.items():
+        assert torch.equal(getattr(experts_of(model)[0], name), weight.to(torch.bfloat16))
+    with torch.no_grad():
+        dequantized_logits = model(ids).logits
+    assert cosine(dequantized_logits, packed_logits) > 0.99
+    model.save_pretrained(tmp_path / "bf16")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "bf16", dtype=torch.bfloat16)
+    assert type(experts_of(reloaded)[0].gate_up_proj) is torch.nn.Parameter
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids).logits, dequantized_logits)
+
+
+def test_lora_on_experts_works_when_they_are_left_in_bf16(checkpoint) -> None:
+    # LoRA through peft's target_parameters needs float expert weights: keep the experts out
+    # of 4-bit with llm_int8_skip_modules, the rest of the model stays NF4.
+    model = load(checkpoint[0], llm_int8_skip_modules=["experts", "lm_head"])
+    assert not any(getattr(m, "_stackpatch_4bit_experts", False) for m in experts_of(model))
+    model = get_peft_model(
+        model,
+        LoraConfig(r=4, target_parameters=["experts.gate_up_proj", "experts.down_proj"]),
+    )
+    batch = torch.randint(0, 512, (2, 8), generator=torch.Generator().manual_seed(4))
+    model(input_ids=batch, labels=batch).loss.backward()
+    grads = [p.grad for n, p in model.named_parameters() if "lora_B" in n]
+    assert grads and all(g is not None for g in grads)
