@@ -22,7 +22,8 @@ launch() {  # label accelerate-args -- script-args
 }
 [ -n "${ONLY_FSDP:-}" ] || launch ddp-tiny --multi_gpu -- --tiny --max-steps 20 --batch-size 2 --grad-accum 2 --lr 5e-3
 [ -n "${ONLY_FSDP:-}" ] || launch fsdp2-tiny-4bit "${FSDP2[@]}" -- --tiny --max-steps 20 --batch-size 2 --grad-accum 2 --lr 5e-3
-launch fsdp2-tiny-bf16 "${FSDP2[@]}" -- --tiny --no-4bit --max-steps 20 --batch-size 2 --grad-accum 2 --lr 5e-3
+[ -n "${ONLY_DENSE:-}" ] || launch fsdp2-tiny-bf16 "${FSDP2[@]}" -- --tiny --no-4bit --max-steps 20 --batch-size 2 --grad-accum 2 --lr 5e-3
+launch fsdp2-tiny-dense-4bit "${FSDP2[@]}" -- --tiny dense --max-steps 20 --batch-size 2 --grad-accum 2 --lr 5e-3
 [ -n "${SKIP_26B:-}" ] && exit 0
 [ -f "$CKPT/config.json" ] || python3 bench/whole_model_memory.py make --dir "$CKPT" > /dev/null
 python3 bench/example_data.py --model-dir "$CKPT" --out /tmp/example-data --lengths 2048 > /dev/null

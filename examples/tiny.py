@@ -1,4 +1,4 @@
-"""`--tiny`: a tiny Gemma 4 (MoE text model + vision tower), tokenizer and chat data, offline.
+"""`--tiny`: a tiny Gemma 4 (MoE or dense text model + vision tower), tokenizer and chat data.
 
 The chat template is a small stand-in for Gemma 4's, with the same turn and thought-channel
 markers (`<|turn>role ... <turn|>`, `<|channel>thought ... <channel|>`) and the same quirk:
@@ -84,7 +84,7 @@ def build_tokenizer(words: set[str]):
     return tokenizer
 
 
-def build(directory: Path) -> tuple[Path, Path]:
+def build(directory: Path, moe: bool = True) -> tuple[Path, Path]:
     """Write the tiny model + tokenizer and the chat data; return (model dir, data file)."""
     import torch
     from transformers import Gemma4ForConditionalGeneration
@@ -101,6 +101,7 @@ def build(directory: Path) -> tuple[Path, Path]:
     }
     tokenizer = build_tokenizer(words)
     config = multimodal_config(
+        enable_moe_block=moe,
         vocab_size=512,
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,

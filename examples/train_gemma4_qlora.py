@@ -34,7 +34,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--model", type=Path, help="a Gemma 4 checkpoint directory")
-    source.add_argument("--tiny", action="store_true", help="build a tiny Gemma 4 and data")
+    source.add_argument(
+        "--tiny",
+        nargs="?",
+        const="moe",
+        choices=("moe", "dense"),
+        help="build a tiny Gemma 4 (MoE by default, or dense) with a tokenizer and chat data",
+    )
     parser.add_argument("--data", type=Path, help="JSONL of {'messages': [...]}, or a datasets dir")
     parser.add_argument("--output-dir", type=Path, required=True)
     parser.add_argument("--max-length", type=int, default=2048)
@@ -200,7 +206,8 @@ def main(argv: list[str] | None = None) -> int:
 
         rank = int(os.environ.get("RANK", "0"))
         # Every rank builds the same (seeded) model; in its own folder, so writes never race.
-        args.model, tiny_data = build(args.output_dir / ("tiny" if rank == 0 else f"tiny-{rank}"))
+        folder = args.output_dir / ("tiny" if rank == 0 else f"tiny-{rank}")
+        args.model, tiny_data = build(folder, moe=args.tiny == "moe")
         args.data = args.data or tiny_data
 
     import torch

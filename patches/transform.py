@@ -122,6 +122,28 @@ class PatchTransform(VisitorBasedCodemodCommand):
         """Parse one statement of new code with every line of it marked."""
         return cst.parse_statement(source).visit(_MarkEveryLine(self))
 
+    def insert_beside(
+        self,
+        function: cst.FunctionDef,
+        anchor: m.BaseMatcherNode,
+        source: str,
+        before: bool,
+    ) -> cst.FunctionDef:
+        """Put marked new code before or after the first top-level statement matching `anchor`."""
+        if self.carries_marker(function):
+            return function
+        body: list[cst.BaseStatement] = []
+        for statement in cst.ensure_type(function.body, cst.IndentedBlock).body:
+            found = not self.rewritten and m.matches(statement, anchor)
+            if found and before:
+                body.append(self.marked_statement(source))
+            body.append(statement)
+            if found and not before:
+                body.append(self.marked_statement(source))
+            if found:
+                self.count_rewrite()
+        return function.with_changes(body=function.body.with_changes(body=body))
+
     def carries_marker(self, node: cst.CSTNode | None) -> bool:
         """True when `node` holds this patch's marker: the site was rewritten already."""
         if node is None:

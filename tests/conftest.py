@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 
 from patches.cli import main
+from patches.model import Patch, Target
+from patches.registry import load_patches
 
 # tests/torch needs torch: tests/test_torch_suite.py runs it inside the stack venvs.
 collect_ignore = ["torch"]
@@ -23,26 +25,25 @@ WHEEL_CACHE = Path(
     os.environ.get("STACKPATCH_WHEEL_CACHE", Path.home() / ".cache" / "stackpatch" / "wheels")
 )
 
-# What the synthetic environment holds: the fixtures' target shapes at the real paths
-# (a file several patches target is the concatenation of their fixtures).
-SYNTHETIC = {
-    "transformers": (
-        "5.5.4",
-        {
-            "transformers/models/gemma4/modeling_gemma4.py": ["p10"],
-            "transformers/integrations/bitsandbytes.py": ["p13/bitsandbytes"],
-            "transformers/quantizers/quantizer_bnb_4bit.py": ["p13/quantizer_bnb_4bit"],
-        },
-    ),
-    "bitsandbytes": (
-        "0.49.2",
-        {
-            "bitsandbytes/nn/modules.py": ["p11", "p3"],
-            "bitsandbytes/autograd/_functions.py": ["p1"],
-        },
-    ),
-    "peft": ("0.19.1", {"peft/tuners/lora/model.py": ["p12"]}),
-}
+# The synthetic environment: every target file of the registry at its real path, holding the
+# fixtures' `basic.before.py` shape (a file several patches target concatenates theirs), in
+# one release per package that is inside every patch's range.
+SYNTHETIC_VERSIONS = {"transformers": "5.5.4", "bitsandbytes": "0.49.2", "peft": "0.19.1"}
+
+
+def fixture_dir(patch: Patch, target: Target) -> str:
+    """tests/fixtures/pNN, or pNN/<file stem> for a patch with several target files."""
+    base = f"p{patch.number}"
+    return base if len(patch.targets) == 1 else f"{base}/{Path(target.path).stem}"
+
+
+def synthetic_files() -> dict[str, dict[str, list[str]]]:
+    files: dict[str, dict[str, list[str]]] = {}
+    for patch in load_patches():
+        for target in patch.targets:
+            paths = files.setdefault(patch.package, {})
+            paths.setdefault(target.path, []).append(fixture_dir(patch, target))
+    return files
 
 
 def write_distribution(site: Path, name: str, version: str, files: dict[str, str]) -> None:
@@ -58,7 +59,8 @@ def write_distribution(site: Path, name: str, version: str, files: dict[str, str
 @pytest.fixture
 def synthetic_site(tmp_path: Path) -> Path:
     site = tmp_path / "site-packages"
-    for name, (version, files) in SYNTHETIC.items():
+    for name, files in synthetic_files().items():
+        version = SYNTHETIC_VERSIONS[name]
         texts = {
             rel: "\n\n".join((FIXTURES / d / "basic.before.py").read_text() for d in dirs)
             for rel, dirs in files.items()

@@ -12,10 +12,12 @@ MODELING = "transformers/models/gemma4/modeling_gemma4.py"
 MODULES = "bitsandbytes/nn/modules.py"
 FUNCTIONS = "bitsandbytes/autograd/_functions.py"
 LORA_MODEL = "peft/tuners/lora/model.py"
+TUNERS_UTILS = "peft/tuners/tuners_utils.py"
 P13_FILES = (
     "transformers/integrations/bitsandbytes.py",
     "transformers/quantizers/quantizer_bnb_4bit.py",
 )
+EVERY_FILE = sorted([MODULES, LORA_MODEL, TUNERS_UTILS, MODELING, *P13_FILES])
 
 
 def test_check_reports_pending_with_documented_json(synthetic_site: Path, cli) -> None:
@@ -36,11 +38,14 @@ def test_check_reports_pending_with_documented_json(synthetic_site: Path, cli) -
     assert p10["state"] == "pending"
     assert result.states() == {
         "P1": "skipped",
+        "P2": "skipped",
+        "P9": "skipped",
         "P3": "pending",
         "P10": "pending",
         "P11": "pending",
         "P12": "pending",
         "P13": "pending",
+        "P14": "pending",
     }
     assert report["patches"][0]["installed_version"] == "0.49.2"
 
@@ -54,20 +59,23 @@ def test_apply_verify_revert_round_trip(synthetic_site: Path, cli) -> None:
     assert applied.code == 0
     assert applied.states() == {
         "P1": "skipped",
+        "P2": "skipped",
+        "P9": "skipped",
         "P3": "applied",
         "P10": "applied",
         "P11": "applied",
         "P12": "applied",
         "P13": "applied",
+        "P14": "applied",
     }
-    assert sorted(applied.json["written"]) == sorted([MODULES, LORA_MODEL, MODELING, *P13_FILES])
+    assert sorted(applied.json["written"]) == EVERY_FILE
     assert "# stackpatch P10" in (synthetic_site / MODELING).read_text()
     assert "**kwargs,  # stackpatch P11" in (synthetic_site / MODULES).read_text()
     assert cli("--verify", *site).code == 0
 
     reverted = cli("--revert", "--json", *site)
     assert reverted.code == 0
-    assert sorted(reverted.json["written"]) == sorted([MODULES, LORA_MODEL, MODELING, *P13_FILES])
+    assert sorted(reverted.json["written"]) == EVERY_FILE
     assert snapshot(synthetic_site) == before  # byte-exact, and no .stackpatch left behind
 
 
@@ -112,15 +120,18 @@ def test_only_and_skip_select_patches(synthetic_site: Path, cli) -> None:
     assert verify_all.code == 1
     assert verify_all.states() == {
         "P1": "skipped",
+        "P2": "skipped",
+        "P9": "skipped",
         "P3": "pending",
         "P10": "applied",
         "P11": "pending",
         "P12": "pending",
         "P13": "pending",
+        "P14": "pending",
     }
-    assert cli("--verify", "--skip", "P3,P11,P12,P13", "-q", *site).code == 0
+    assert cli("--verify", "--skip", "P3,P11,P12,P13,P14", "-q", *site).code == 0
     skipped = cli("--check", "--json", "--skip", "P10,P1", *site).json["patches"]
-    assert [p["id"] for p in skipped] == ["P3", "P11", "P12", "P13"]
+    assert [p["id"] for p in skipped] == ["P2", "P3", "P9", "P11", "P12", "P13", "P14"]
 
 
 def test_partial_revert_keeps_other_files(synthetic_site: Path, cli) -> None:
@@ -132,11 +143,14 @@ def test_partial_revert_keeps_other_files(synthetic_site: Path, cli) -> None:
     states = cli("--check", "--json", *site).states()
     assert states == {
         "P1": "skipped",
+        "P2": "skipped",
+        "P9": "skipped",
         "P3": "pending",
         "P10": "applied",
         "P11": "pending",
         "P12": "applied",
         "P13": "applied",
+        "P14": "applied",
     }
 
 

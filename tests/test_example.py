@@ -138,6 +138,9 @@ def test_newest_stack(tmp_path: Path) -> None:
     result = train(python, tmp_path / "run", "--max-steps", "4")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "experts 4-bit in 2/2 layers" in result.stdout
+    dense = train(python, tmp_path / "dense", "--max-steps", "2", "--tiny", "dense")
+    assert dense.returncode == 0, dense.stderr[-3000:]
+    assert "experts" not in dense.stdout.split("model:")[1].splitlines()[0]
     # BF16 experts take LoRA through peft's target_parameters: 8 attention + 2 x 2 experts.
     experts = train(python, tmp_path / "bf16", "--max-steps", "2", "--no-4bit", "--lora-experts")
     assert experts.returncode == 0, experts.stderr[-3000:]

@@ -44,11 +44,14 @@ def test_old_stack_full_cycle(install, cli) -> None:
     assert check.code == 0
     assert check.states() == {
         "P1": "skipped",
+        "P2": "skipped",
+        "P9": "skipped",
         "P3": "pending",
         "P10": "pending",
         "P11": "pending",
         "P12": "pending",
         "P13": "pending",
+        "P14": "pending",
     }
     assert check.json["environment"]["packages"] == {
         "bitsandbytes": "0.49.2",
@@ -67,11 +70,14 @@ def test_old_stack_full_cycle(install, cli) -> None:
     assert verify.code == 1
     assert verify.states() == {
         "P1": "skipped",
+        "P2": "skipped",
+        "P9": "skipped",
         "P3": "applied",
         "P10": "drifted",
         "P11": "applied",
         "P12": "applied",
         "P13": "applied",
+        "P14": "applied",
     }
 
     assert cli("--apply", "-q", *args).code == 0
@@ -98,16 +104,20 @@ def test_new_stack_needs_the_peft_and_experts_patches(install, cli) -> None:
     assert check.code == 0
     assert check.states() == {
         "P1": "skipped",
+        "P2": "skipped",
+        "P9": "skipped",
         "P3": "fixed-upstream",
         "P10": "fixed-upstream",
         "P11": "fixed-upstream",
         "P12": "pending",
         "P13": "pending",
+        "P14": "pending",
     }
     assert cli("--verify", "-q", *args).code == 1
     apply = cli("--apply", "--json", *args)
     assert sorted(apply.json["written"]) == [
         "peft/tuners/lora/model.py",
+        "peft/tuners/tuners_utils.py",
         "transformers/integrations/bitsandbytes.py",
         "transformers/quantizers/quantizer_bnb_4bit.py",
     ]
@@ -167,11 +177,14 @@ def test_python_option_targets_another_environment(tmp_path: Path) -> None:
     assert check.json["environment"]["packages"] == {"transformers": "5.5.4"}
     assert check.states() == {
         "P1": "skipped",
+        "P2": "skipped",
+        "P9": "skipped",
         "P3": "not-installed",
         "P10": "pending",
         "P11": "not-installed",
         "P12": "not-installed",
         "P13": "pending",
+        "P14": "not-installed",
     }
 
     assert run_cli_process("--apply", "-q", "--python", str(python)).code == 0

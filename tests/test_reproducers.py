@@ -27,7 +27,7 @@ def validate(stack: str, records: Path) -> dict[str, dict]:
 
 def test_oldest_stack_shows_bug_then_fix(tmp_path: Path) -> None:
     records = validate("oldest", tmp_path)
-    assert set(records) == {"P10", "P11", "P12", "P13"}
+    assert set(records) == {"P10", "P11", "P12", "P13", "P14"}
     for record in records.values():
         assert record["before"]["outcome"] == "bug"
         assert record["after"]["outcome"] == "fine"
@@ -36,11 +36,12 @@ def test_oldest_stack_shows_bug_then_fix(tmp_path: Path) -> None:
         assert record["torch"].startswith("2.13.0")
     assert "mm_token_type_ids" in records["P10"]["before"]["error"]
     assert "_is_hf_initialized" in records["P11"]["before"]["error"]
+    assert "expected device meta" in records["P14"]["before"]["error"]
 
 
 def test_newest_stack(tmp_path: Path) -> None:
     records = validate("newest", tmp_path)
-    assert set(records) == {"P10", "P11", "P12", "P13"}
+    assert set(records) == {"P10", "P11", "P12", "P13", "P14"}
     for fixed_upstream in ("P10", "P11"):
         assert records[fixed_upstream]["before"]["outcome"] == "fine"
         assert records[fixed_upstream]["after"]["outcome"] == "not-applicable"
@@ -52,5 +53,8 @@ def test_newest_stack(tmp_path: Path) -> None:
     assert records["P13"]["before"]["outcome"] == "bug"
     assert records["P13"]["after"]["outcome"] == "fine"
     assert "stays torch.bfloat16" in records["P13"]["before"]["error"]
+    # PEFT still puts the adapters of offloaded layers on the meta device.
+    assert records["P14"]["before"]["outcome"] == "bug"
+    assert records["P14"]["after"]["outcome"] == "fine"
     assert records["P10"]["packages"]["transformers"] == "5.23.0"
     assert records["P11"]["packages"]["bitsandbytes"] == "0.50.2"

@@ -54,13 +54,28 @@ def _count_writes(site: Path) -> int:
     return counter.calls
 
 
-def test_a_fresh_apply_makes_twelve_writes(synthetic_site: Path) -> None:
-    # five backups, the in-flight manifest, five files, the final manifest
-    assert _count_writes(synthetic_site) == 12
+def _target_files(ids: set[str] | None = None) -> set[str]:
+    """The files the recommended patches (or those of `ids`) rewrite."""
+    return {
+        t.path
+        for p in load_patches()
+        if p.recommended and (ids is None or p.id in ids)
+        for t in p.targets
+    }
+
+
+ALL_FILES = _target_files()
+FRESH_APPLY_WRITES = 2 * len(ALL_FILES) + 2
+
+
+def test_a_fresh_apply_writes_each_file_and_its_backup_once(synthetic_site: Path) -> None:
+    # a backup and a write per file, plus the in-flight and the final manifest
+    assert len(ALL_FILES) == 6
+    assert _count_writes(synthetic_site) == FRESH_APPLY_WRITES
 
 
 @pytest.mark.parametrize("torn", [False, True], ids=["clean-failure", "torn-write"])
-@pytest.mark.parametrize("fail_at", range(1, 13))
+@pytest.mark.parametrize("fail_at", range(1, FRESH_APPLY_WRITES + 1))
 def test_nth_write_failure_restores_everything(
     synthetic_site: Path, fail_at: int, torn: bool
 ) -> None:
@@ -70,15 +85,20 @@ def test_nth_write_failure_restores_everything(
     assert snapshot(synthetic_site) == before
 
 
-@pytest.mark.parametrize("fail_at", range(1, 9))
+FIRST = {"P10", "P12"}
+REST = _target_files({p.id for p in load_patches() if p.recommended} - FIRST)
+# Files already patched need no new backup; P14 extends the file P12 patched.
+EXTENDING_WRITES = len(REST) + len(REST - _target_files(FIRST)) + 2
+
+
+@pytest.mark.parametrize("fail_at", range(1, EXTENDING_WRITES + 1))
 def test_failure_while_extending_a_patched_environment(
     synthetic_site: Path, cli, fail_at: int
 ) -> None:
     # P10 and P12 already applied; adding the rest must not disturb their records or backups.
-    cli("--apply", "--only", "P10,P12", "-q", "--site-packages", str(synthetic_site))
+    cli("--apply", "--only", ",".join(sorted(FIRST)), "-q", "--site-packages", str(synthetic_site))
     before = snapshot(synthetic_site)
-    # P3+P11 share one file, P13 has two: three backups, in-flight, three files, manifest
-    assert _count_writes_copy(synthetic_site) == 8
+    assert _count_writes_copy(synthetic_site) == EXTENDING_WRITES
     with pytest.raises(InjectedFault):
         _apply(synthetic_site, FailingWriter(fail_at, torn=True))
     assert snapshot(synthetic_site) == before
@@ -136,7 +156,7 @@ def test_revert_proves_bytes_by_hash(synthetic_site: Path, cli) -> None:
     cli("--apply", "-q", "--site-packages", str(synthetic_site))
     store = StateStore(synthetic_site, synthetic_site / ".stackpatch")
     outcome = revert(store.load(__version__), store, __version__)
-    assert len(outcome.written) == 5
+    assert len(outcome.written) == len(ALL_FILES)
     assert snapshot(synthetic_site) == before
 
 
