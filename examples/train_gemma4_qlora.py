@@ -53,7 +53,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--lora-r", type=int, default=16)
     parser.add_argument("--lora-alpha", type=int, default=16)
     parser.add_argument("--lora-dropout", type=float, default=0.0)
-    parser.add_argument("--lora-experts", action="store_true", help="also LoRA on the experts")
+    parser.add_argument(
+        "--lora-experts",
+        action="store_true",
+        help="also LoRA on the experts (keeps them in BF16 under 4-bit)",
+    )
     parser.add_argument("--no-4bit", dest="four_bit", action="store_false", help="BF16 base")
     parser.add_argument("--save-steps", type=int, default=100)
     parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
@@ -117,6 +121,8 @@ def load_model(args: argparse.Namespace, device):
             bnb_4bit_use_double_quant=True,
             # FSDP shards flat tensors of one dtype: store the packed weights as BF16 there.
             bnb_4bit_quant_storage=torch.bfloat16 if fsdp else torch.uint8,
+            # peft's target_parameters needs float expert weights: keep them out of 4 bits.
+            llm_int8_skip_modules=["experts", "lm_head"] if args.lora_experts else None,
         )
     model = AutoModelForCausalLM.from_pretrained(
         args.model,
@@ -160,12 +166,6 @@ def add_lora(model, args: argparse.Namespace):
 
     extra = {}
     if args.lora_experts:
-        if args.four_bit:
-            fail(
-                "--lora-experts on 4-bit experts is not supported yet: peft's target_parameters "
-                "wraps nn.Parameter tensors, and P13 packs the experts as 4-bit buffers. Train "
-                "LoRA on attention (the default), or use --no-4bit on a GPU that holds BF16."
-            )
         extra["target_parameters"] = EXPERT_PARAMETERS
     config = LoraConfig(
         r=args.lora_r,
@@ -236,7 +236,12 @@ def main(argv: list[str] | None = None) -> int:
     rows, tokenized = build_dataset(args, tokenizer)
     model = load_model(args, device)
     packed, experts = experts_in_4bit(model)
-    if args.four_bit and packed < experts and not args.skip_patch_check:
+    if args.four_bit and args.lora_experts and moe and is_main_process():
+        print(
+            "note: --lora-experts keeps the experts in BF16 (26B-A4B: ~44 GB): LoRA directly on "
+            "P13's 4-bit experts is not supported yet (peft parametrizes float weights only)"
+        )
+    elif args.four_bit and packed < experts and not args.skip_patch_check:
         fail(f"only {packed} of {experts} expert layers were quantized to 4 bits (P13)")
     frozen = freeze_towers(model)
     layers = enable_checkpointing(model)
