@@ -124,17 +124,19 @@ class PatchTransform(VisitorBasedCodemodCommand):
 
     def insert_beside(
         self,
-        function: cst.FunctionDef,
+        block: cst.IndentedBlock,
         anchor: m.BaseMatcherNode,
         source: str,
         before: bool,
-    ) -> cst.FunctionDef:
-        """Put marked new code before or after the first top-level statement matching `anchor`."""
-        if self.carries_marker(function):
-            return function
+    ) -> cst.IndentedBlock:
+        """Put marked new code before or after each statement of `block` matching `anchor`,
+        unless the neighbour on that side already carries this patch's marker (applied)."""
+        statements = list(block.body)
         body: list[cst.BaseStatement] = []
-        for statement in cst.ensure_type(function.body, cst.IndentedBlock).body:
-            found = not self.rewritten and m.matches(statement, anchor)
+        for index, statement in enumerate(statements):
+            side = index - 1 if before else index + 1
+            neighbour = statements[side] if 0 <= side < len(statements) else None
+            found = m.matches(statement, anchor) and not self.carries_marker(neighbour)
             if found and before:
                 body.append(self.marked_statement(source))
             body.append(statement)
@@ -142,7 +144,7 @@ class PatchTransform(VisitorBasedCodemodCommand):
                 body.append(self.marked_statement(source))
             if found:
                 self.count_rewrite()
-        return function.with_changes(body=function.body.with_changes(body=body))
+        return block.with_changes(body=body)
 
     def carries_marker(self, node: cst.CSTNode | None) -> bool:
         """True when `node` holds this patch's marker: the site was rewritten already."""

@@ -29,6 +29,12 @@ REQUANTIZE = m.SimpleStatementLine(
 )
 
 
+OVERRIDE = (
+    'if B.dtype == torch.int8 and getattr(B, "SCB", None) is not None:\n'
+    "    state.CB, state.SCB = B, B.SCB\n"
+)
+
+
 class ReuseInt8Weight(PatchTransform):
     DESCRIPTION = (
         "Take CB/SCB from an int8 weight that carries them instead of its re-quantization."
@@ -40,22 +46,8 @@ class ReuseInt8Weight(PatchTransform):
     ) -> cst.IndentedBlock:
         if not self.within_scope():
             return updated_node
-        body: list[cst.BaseStatement] = []
-        statements = list(updated_node.body)
-        for index, statement in enumerate(statements):
-            body.append(statement)
-            following = statements[index + 1] if index + 1 < len(statements) else None
-            if m.matches(statement, REQUANTIZE) and not self.carries_marker(following):
-                # Added after the quantization, which stays untouched: every new line is marked.
-                body.append(self._override())
-                self.count_rewrite()
-        return updated_node.with_changes(body=body)
-
-    def _override(self) -> cst.BaseStatement:
-        return self.marked_statement(
-            'if B.dtype == torch.int8 and getattr(B, "SCB", None) is not None:\n'
-            "    state.CB, state.SCB = B, B.SCB\n"
-        )
+        # Added after the quantization, which stays untouched: every new line is marked.
+        return self.insert_beside(updated_node, REQUANTIZE, OVERRIDE, before=False)
 
 
 PATCH = Patch(

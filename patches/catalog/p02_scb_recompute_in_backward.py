@@ -30,15 +30,7 @@ class RecomputeScbInBackward(PatchTransform):
     ) -> cst.IndentedBlock:
         if not self.within_scope():
             return updated_node
-        body: list[cst.BaseStatement] = []
-        previous: cst.BaseStatement | None = None
-        for statement in updated_node.body:
-            if m.matches(statement, CB_PRESENT) and not self.carries_marker(previous):
-                body.append(self.marked_statement(RECOMPUTE))
-                self.count_rewrite()
-            body.append(statement)
-            previous = statement
-        return updated_node.with_changes(body=body)
+        return self.insert_beside(updated_node, CB_PRESENT, RECOMPUTE, before=True)
 
 
 PATCH = Patch(

@@ -21,7 +21,9 @@ class RestoreScbBeforeThreshold(PatchTransform):
     def leave_scope(  # type: ignore[override]
         self, original_node: cst.FunctionDef, updated_node: cst.FunctionDef
     ) -> cst.FunctionDef:
-        return self.insert_beside(updated_node, THRESHOLD_BRANCH, RESTORE, before=True)
+        block = cst.ensure_type(updated_node.body, cst.IndentedBlock)
+        body = self.insert_beside(block, THRESHOLD_BRANCH, RESTORE, before=True)
+        return updated_node.with_changes(body=body)
 
 
 PATCH = Patch(

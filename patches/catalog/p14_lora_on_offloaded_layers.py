@@ -38,7 +38,9 @@ class PlaceAdapterOnExecutionDevice(PatchTransform):
     def leave_scope(  # type: ignore[override]
         self, original_node: cst.FunctionDef, updated_node: cst.FunctionDef
     ) -> cst.FunctionDef:
-        return self.insert_beside(updated_node, _TARGET_DEVICE, EXECUTION_DEVICE, before=False)
+        block = cst.ensure_type(updated_node.body, cst.IndentedBlock)
+        body = self.insert_beside(block, _TARGET_DEVICE, EXECUTION_DEVICE, before=False)
+        return updated_node.with_changes(body=body)
 
 
 # `if not any(p.device == meta for p in module.parameters()):` guarding `module.to(weight.device)`
