@@ -8,7 +8,7 @@ from patches import __version__
 from patches.environment import locate
 from patches.plan import make_plan
 from patches.registry import load_patches
-from patches.report import problems_for
+from patches.report import interrupted_apply, problems_for
 from patches.store import StateStore
 
 
@@ -21,7 +21,4 @@ def verify_problems(ids: Collection[str] | None = None, python: str | None = Non
     env = locate({p.package for p in chosen}, python)
     manifest = StateStore(env.site_packages, env.state_dir).load(__version__)
     plan = make_plan(chosen, env, manifest, include_historical=False)
-    problems = list(problems_for("verify", plan.assessments))
-    if manifest.in_flight:
-        problems.insert(0, "an earlier --apply was interrupted; run --revert, then --apply")
-    return problems
+    return [*interrupted_apply(manifest), *problems_for("verify", plan.assessments)]

@@ -42,6 +42,7 @@ from patches.releases import parse_requirement, resolve_against
 from patches.report import (
     Report,
     comparisons_json,
+    interrupted_apply,
     problems_for,
     render,
     render_comparisons,
@@ -193,21 +194,12 @@ def parse_options(argv: Sequence[str]) -> Options:
     )
 
 
-def _interrupted_apply(manifest: Manifest) -> tuple[str, ...]:
-    if not manifest.in_flight:
-        return ()
-    return (
-        "an earlier --apply was interrupted while writing "
-        f"{', '.join(r.path for r in manifest.in_flight)}; run --revert, then --apply",
-    )
-
-
 def _assess(
     options: Options, env: Environment, manifest: Manifest, outcome: Outcome | None
 ) -> Report:
     plan = make_plan(options.patches, env, manifest, options.include_historical)
     command = "verify" if options.command == "verify" else "check"
-    problems = _interrupted_apply(manifest) + problems_for(command, plan.assessments)
+    problems = interrupted_apply(manifest) + problems_for(command, plan.assessments)
     return Report(
         command=options.command,
         tool_version=__version__,
@@ -238,7 +230,7 @@ def run(options: Options, out: Console) -> int:
             manifest = store.load(__version__)
             if options.command == "apply":
                 if manifest.in_flight:
-                    raise StackpatchError(_interrupted_apply(manifest)[0])
+                    raise StackpatchError(interrupted_apply(manifest)[0])
                 plan = make_plan(options.patches, env, manifest, options.include_historical)
                 outcome = apply_plan(plan, manifest, store, __version__)
             else:

@@ -28,6 +28,7 @@ from rich.table import Table
 
 from patches.compare import Comparison, MatrixTable, cell_label
 from patches.environment import Environment
+from patches.manifest import Manifest
 from patches.model import Assessment, State
 
 SCHEMA = "stackpatch/report@1"
@@ -103,6 +104,16 @@ def _assessment_json(assessment: Assessment, verified: str) -> dict:
         "files": list(assessment.files),
         "detail": assessment.detail,
     }
+
+
+def interrupted_apply(manifest: Manifest) -> tuple[str, ...]:
+    """The problem an in-flight manifest left by a killed --apply means, if there is one."""
+    if not manifest.in_flight:
+        return ()
+    return (
+        "an earlier --apply was interrupted while writing "
+        f"{', '.join(r.path for r in manifest.in_flight)}; run --revert, then --apply",
+    )
 
 
 def problems_for(command: str, assessments: Sequence[Assessment]) -> tuple[str, ...]:
