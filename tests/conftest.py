@@ -12,18 +12,18 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from packaging.requirements import Requirement
 
 from patches.cli import main
 from patches.model import Patch, Target
 from patches.registry import load_patches
+from patches.releases import cache_dir, download_wheel
 
 # tests/torch needs torch: tests/test_torch_suite.py runs it inside the stack venvs.
 collect_ignore = ["torch"]
 
 FIXTURES = Path(__file__).parent / "fixtures"
-WHEEL_CACHE = Path(
-    os.environ.get("STACKPATCH_WHEEL_CACHE", Path.home() / ".cache" / "stackpatch" / "wheels")
-)
+WHEEL_CACHE = cache_dir() / "wheels"  # where download_wheel keeps them
 
 # The synthetic environment: every target file of the registry at its real path, holding the
 # fixtures' `basic.before.py` shape (a file several patches target concatenates theirs), in
@@ -117,29 +117,7 @@ def run_cli_process(*argv: str, python: str = sys.executable, **kwargs) -> CliRe
 
 def wheel(spec: str) -> Path:
     """A cached wheel for `name==version`, downloaded once without dependencies."""
-    name, version = spec.split("==")
-    WHEEL_CACHE.mkdir(parents=True, exist_ok=True)
-    pattern = f"{name.replace('-', '_')}-{version}-*.whl"
-    found = sorted(WHEEL_CACHE.glob(pattern))
-    if not found:
-        subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "pip",
-                "download",
-                "--no-deps",
-                "--only-binary=:all:",
-                "--quiet",
-                "--dest",
-                str(WHEEL_CACHE),
-                spec,
-            ],
-            check=True,
-        )
-        found = sorted(WHEEL_CACHE.glob(pattern))
-    assert found, f"pip download {spec} produced no wheel"
-    return found[0]
+    return download_wheel(Requirement(spec))
 
 
 def wheel_file(spec: str, relative: str) -> bytes:

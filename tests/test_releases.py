@@ -26,6 +26,7 @@ def tool_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A private stackpatch cache whose wheels/ is the suite's shared wheel cache."""
     cache = tmp_path / "cache"
     cache.mkdir()
+    WHEEL_CACHE.mkdir(parents=True, exist_ok=True)
     (cache / "wheels").symlink_to(WHEEL_CACHE)
     monkeypatch.setenv("STACKPATCH_CACHE", str(cache))
     return cache
