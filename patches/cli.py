@@ -304,11 +304,12 @@ def run_matrix(options: Options, out: Console) -> int:
     matrix = merge_matrix(load_matrix(MATRIX_FILE), cells, meta)
     atomic_write(MATRIX_FILE, (json.dumps(matrix, indent=1) + "\n").encode())
     atomic_write(STATUS_FILE, current_status().encode())
-    problems = matrix_problems([asdict(c) for c in cells])
+    rows = [asdict(c) for c in cells]
+    problems = matrix_problems(rows)
     if options.json:
         out.file.write(json.dumps({**matrix, "problems": problems}, indent=1) + "\n")
     else:
-        render_matrix(matrix_tables([asdict(c) for c in cells]), problems, out, options.quiet)
+        render_matrix(matrix_tables(rows), problems, out, options.quiet)
         if not options.quiet:
             out.print(f"wrote {MATRIX_FILE.name} and {STATUS_FILE.name}")
     return 1 if problems else 0
