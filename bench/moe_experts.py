@@ -4,12 +4,18 @@ Variants, all in one run on one GPU:
   bf16-eager       transformers' Gemma4TextExperts, per-expert loop (experts_implementation="eager")
   bf16-grouped     the same module with experts_implementation="grouped_mm"
   nf4-linear4bit   one bitsandbytes Linear4bit per expert (the post-load swap of unsloth's PR)
-  nf4-packed-ours  patches/inject/experts_4bit.py: fused 3D weights packed in NF4, dequantized
-                   a chunk of experts at a time, grouped GEMM, re-dequantized in backward
+  nf4-dequant-ours-<N>MiB
+                   patches/inject/experts_4bit.py with kernel="dequantize": fused 3D weights
+                   packed in NF4, dequantized N MiB of experts at a time, grouped GEMM,
+                   re-dequantized in backward
+  nf4-fused-ours   the same packed weights through the fused Triton 4-bit grouped GEMM of
+                   patches/inject/experts_4bit_triton.py (what P13 runs on a GPU)
 
 For each token count: median ms over timed repeats (CUDA events), ratio to bf16-grouped,
 extra peak memory over the resident weights, and the output's cosine similarity to
-bf16-grouped. Prints a table and writes JSON + Markdown under --out.
+bf16-grouped. The fused kernel's output is also compared with the dequantize path's (same
+packed weights, so they must agree to bf16 rounding): the script exits 1 if they do not.
+Prints a table and writes JSON + Markdown under --out.
 
     python bench/moe_experts.py --out bench/results
 """
@@ -30,6 +36,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from patches.inject.experts_4bit import experts_4bit_forward, pack_experts
+from patches.inject.experts_4bit_triton import fused_4bit_available
 
 EXPERTS, HIDDEN, INTERMEDIATE, TOP_K = 128, 2816, 704, 8
 
@@ -133,7 +140,7 @@ def main() -> int:
         type=int,
         nargs="+",
         default=[256],
-        help="dequantization chunk budgets to compare for nf4-packed-ours (MiB of BF16 weights)",
+        help="dequantization chunk budgets to compare for nf4-dequant-ours (MiB of BF16 weights)",
     )
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     args = parser.parse_args()
@@ -148,17 +155,22 @@ def main() -> int:
         pack_experts(grouped.down_proj.data),
     )
 
-    def ours(chunk_mb: int) -> Callable:
+    def ours(kernel: str, chunk_mb: int = 256) -> Callable:
         def forward(x, idx, w):
-            return experts_4bit_forward(
-                packed_gate_up, packed_down, grouped._apply_gate, x, idx, w, chunk_mb * 2**20
-            )
+            chunk = chunk_mb * 2**20
+            gate = grouped._apply_gate
+            return experts_4bit_forward(packed_gate_up, packed_down, gate, x, idx, w, chunk, kernel)
 
         return forward
 
+    probe = torch.zeros(1, HIDDEN, device="cuda", dtype=torch.bfloat16)
+    if not fused_4bit_available(probe, packed_gate_up.state):
+        print("the fused 4-bit kernel cannot run here (no Triton, or a GPU older than sm80)")
+        return 1
     variants: dict[str, Callable] = {"bf16-eager": eager, "bf16-grouped": grouped}
     for chunk_mb in args.chunk_mb:
-        variants[f"nf4-packed-ours-{chunk_mb}MiB"] = ours(chunk_mb)
+        variants[f"nf4-dequant-ours-{chunk_mb}MiB"] = ours("dequantize", chunk_mb)
+    variants["nf4-fused-ours"] = ours("auto")
     if "nf4-linear4bit" not in args.skip:
         variants["nf4-linear4bit"] = linear4bit_forward(grouped)
     for name in args.skip:
@@ -168,7 +180,7 @@ def main() -> int:
         "nf4-packed": packed_gate_up.nbytes() + packed_down.nbytes(),
     }
 
-    rows = []
+    rows, agreement = [], {}
     for tokens in args.tokens:
         torch.manual_seed(tokens)
         x = torch.randn(tokens, HIDDEN, device="cuda", dtype=torch.bfloat16, requires_grad=True)
@@ -180,6 +192,11 @@ def main() -> int:
             ms, extra, out = time_fwd_bwd(fn, x, idx, weights, args.repeats)
             results[name] = (ms, extra, out)
         base_ms, _, base_out = results["bf16-grouped"]
+        fused_out = results["nf4-fused-ours"][2]
+        dequant_out = ours("dequantize")(x, idx, weights).detach()
+        agreement[tokens] = torch.nn.functional.cosine_similarity(
+            fused_out.float().flatten(), dequant_out.float().flatten(), dim=0
+        ).item()
         for name, (ms, extra, out) in results.items():
             cosine = torch.nn.functional.cosine_similarity(
                 out.float().flatten(), base_out.float().flatten(), dim=0
@@ -210,6 +227,8 @@ def main() -> int:
         },
         "resident_weights_gib": {k: round(v / 2**30, 3) for k, v in resident.items()},
         "repeats": args.repeats,
+        "fused_vs_dequantize_cosine": {t: round(c, 6) for t, c in agreement.items()},
+        "fused_kernel_configs": tuned_configs(),
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "moe_experts.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
@@ -221,7 +240,9 @@ def main() -> int:
         f"top-{TOP_K}; forward + backward "
         f"w.r.t. the input, weights frozen; median of {args.repeats}. Resident weights: "
         f"bf16 {meta['resident_weights_gib']['bf16']} GiB, NF4 packed "
-        f"{meta['resident_weights_gib']['nf4-packed']} GiB.",
+        f"{meta['resident_weights_gib']['nf4-packed']} GiB. Fused kernel vs dequantize path "
+        f"(same packed weights), output cosine per token count: "
+        f"{meta['fused_vs_dequantize_cosine']}.",
         "",
         "| tokens | variant | median ms | × bf16 grouped | extra peak GiB | cosine to bf16 |",
         "| --- | --- | --- | --- | --- | --- |",
@@ -234,7 +255,20 @@ def main() -> int:
         )
     (args.out / "moe_experts.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
-    return 0
+    print("fused kernel tile configs chosen by the autotuner:", meta["fused_kernel_configs"])
+    # Same packed weights, so the two paths differ only by bf16 rounding and summation order.
+    return 0 if min(agreement.values()) > 0.9999 else 1
+
+
+def tuned_configs() -> dict[str, str]:
+    from patches.inject import experts_4bit_triton
+
+    tuners = {"x@W^T": experts_4bit_triton._x_wt_tuned, "x@W": experts_4bit_triton._x_w_tuned}
+    return {
+        f"{name} N={key[0]} K={key[1]} rows/expert~{key[2]}": str(config)
+        for name, tuner in tuners.items()
+        for key, config in tuner.cache.items()
+    }
 
 
 if __name__ == "__main__":

@@ -19,10 +19,15 @@ run() {  # label length extra-args...
   cp "/tmp/run-$label-$length/log.jsonl" "$OUT/$label-$length.jsonl" 2>/dev/null || true
   grep -E "^(data|model|adapter|error)" "$OUT/$label-$length.out" || tail -5 "$OUT/$label-$length.out"
 }
+LABELS=${LABELS:-patched stock}  # e.g. LABELS=patched to rerun only the patched stack
 python3 apply_patches.py --apply -q
 python3 apply_patches.py --verify
-run patched 512
-run patched 2048
+if [[ " $LABELS " == *" patched "* ]]; then
+  run patched 512
+  run patched 2048
+fi
 python3 apply_patches.py --revert -q
-run stock 512 --skip-patch-check
-run stock 2048 --skip-patch-check
+if [[ " $LABELS " == *" stock "* ]]; then
+  run stock 512 --skip-patch-check
+  run stock 2048 --skip-patch-check
+fi

@@ -237,7 +237,7 @@ def classify(transform_cls: type[PatchTransform], patch_id: str, module: cst.Mod
 
 
 class _MarkEveryLine(cst.CSTTransformer):
-    """Put a patch's marker at the end of every statement line and block header."""
+    """Put a patch's marker at the end of every statement line, block header and comment."""
 
     def __init__(self, transform: PatchTransform) -> None:
         self.transform = transform
@@ -260,6 +260,15 @@ class _MarkEveryLine(cst.CSTTransformer):
     ) -> cst.Decorator:
         trailing = self.transform.trailing_marker(existing=updated_node.trailing_whitespace)
         return updated_node.with_changes(trailing_whitespace=trailing)
+
+    def leave_EmptyLine(
+        self, original_node: cst.EmptyLine, updated_node: cst.EmptyLine
+    ) -> cst.EmptyLine:
+        comment = updated_node.comment
+        if comment is None or self.transform.carries_marker(updated_node):
+            return updated_node
+        marker = self.transform.marker()
+        return updated_node.with_changes(comment=cst.Comment(f"{comment.value}  {marker.value}"))
 
 
 _REPO_IMPORT = m.ImportFrom(module=m.Attribute(value=m.Attribute(value=m.Name("patches"))))

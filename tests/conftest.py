@@ -19,8 +19,9 @@ from patches.model import Patch, Target
 from patches.registry import load_patches
 from patches.releases import cache_dir, download_wheel
 
-# tests/torch needs torch: tests/test_torch_suite.py runs it inside the stack venvs.
-collect_ignore = ["torch"]
+# tests/torch and tests/triton need torch (and Triton): tests/test_torch_suite.py runs them
+# inside the stack venvs.
+collect_ignore = ["torch", "triton"]
 
 FIXTURES = Path(__file__).parent / "fixtures"
 WHEEL_CACHE = cache_dir() / "wheels"  # where download_wheel keeps them
@@ -207,7 +208,8 @@ def stack_python(name: str, extra: tuple[str, ...] = ()) -> Path:
         subprocess.run([*pip, *STACKS[name]], check=True)
         done.write_text("\n".join(STACKS[name]))
     for package in extra:
-        probe = subprocess.run([str(python), "-c", f"import {package}"], capture_output=True)
+        module = package.partition("==")[0]
+        probe = subprocess.run([str(python), "-c", f"import {module}"], capture_output=True)
         if probe.returncode:
             subprocess.run([*pip, package], check=True)
     return python

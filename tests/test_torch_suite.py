@@ -1,5 +1,6 @@
 """Run tests/torch (the tests that need torch and bitsandbytes) inside the real stack venvs,
-with a copy of the stack's transformers patched by P13 first on the path."""
+with a copy of the stack's transformers patched by P13 first on the path, and tests/triton
+(the fused 4-bit kernels) in Triton's CPU interpreter."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from patches.validate import apply_to_copy, unpatched_copy
 
 pytestmark = pytest.mark.stacks
 ROOT = Path(__file__).resolve().parent.parent
+TRITON = "triton==3.9.0"
 
 
 def patched_transformers(python: Path, dest: Path) -> Path:
@@ -30,12 +32,8 @@ def patched_transformers(python: Path, dest: Path) -> Path:
     return dest
 
 
-@pytest.mark.parametrize("stack", ["oldest", "newest"])
-def test_torch_suite(stack: str, tmp_path: Path) -> None:
-    python = stack_python(stack, extra=("pytest",))
-    overlay = patched_transformers(python, tmp_path / "overlay")
-    paths = [str(overlay), str(ROOT), str(ROOT / "validation")]
-    environ = {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
+def run_pytest(python: Path, suite: Path, paths: list[str], **environ: str) -> None:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths), **environ}
     completed = subprocess.run(
         [
             str(python),
@@ -46,14 +44,33 @@ def test_torch_suite(stack: str, tmp_path: Path) -> None:
             "-p",
             "no:cacheprovider",
             "--rootdir",
-            str(ROOT / "tests" / "torch"),
-            str(ROOT / "tests" / "torch"),
+            str(suite),
+            str(suite),
         ],
         capture_output=True,
         text=True,
-        cwd=ROOT / "tests" / "torch",
-        env=environ,
+        cwd=suite,
+        env=env,
         check=False,
     )
     assert completed.returncode == 0, completed.stdout[-4000:] + completed.stderr[-2000:]
     assert " passed" in completed.stdout
+
+
+# The newest stack also carries Triton (as CUDA installs of torch do), so P13's injected
+# code is imported with it present there and without it on the oldest stack.
+EXTRAS = {"oldest": ("pytest",), "newest": ("pytest", TRITON)}
+
+
+@pytest.mark.parametrize("stack", ["oldest", "newest"])
+def test_torch_suite(stack: str, tmp_path: Path) -> None:
+    python = stack_python(stack, extra=EXTRAS[stack])
+    overlay = patched_transformers(python, tmp_path / "overlay")
+    paths = [str(overlay), str(ROOT), str(ROOT / "validation")]
+    run_pytest(python, ROOT / "tests" / "torch", paths)
+
+
+def test_fused_kernel_in_the_triton_interpreter() -> None:
+    """tests/triton: the fused 4-bit kernels run on CPU by Triton's interpreter."""
+    python = stack_python("newest", extra=EXTRAS["newest"])
+    run_pytest(python, ROOT / "tests" / "triton", [str(ROOT)], TRITON_INTERPRET="1")

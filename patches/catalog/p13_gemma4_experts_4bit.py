@@ -11,7 +11,11 @@ from patches.model import Patch, Status, Target
 from patches.transform import PatchTransform, injected_statements
 
 INJECT = Path(__file__).resolve().parent.parent / "inject"
-SOURCES = (INJECT / "experts_4bit.py", INJECT / "bnb_experts_hooks.py")
+SOURCES = (
+    INJECT / "experts_4bit_triton.py",
+    INJECT / "experts_4bit.py",
+    INJECT / "bnb_experts_hooks.py",
+)
 
 # `if issubclass(module.source_cls, Conv1D):` — only Linear4bit replacements have source_cls.
 _SOURCE_CLS_TEST = m.Call(
@@ -132,13 +136,15 @@ PATCH = Patch(
         "marks them as needing quantization (honouring quant type, double quantization, quant "
         "storage and llm_int8_skip_modules), Bnb4bitQuantize packs each one as it is loaded, "
         "and a 'bnb_4bit' experts implementation registered in transformers' ExpertsInterface "
-        "runs them: it dequantizes a chunk of experts at a time (256 MiB by default), runs "
-        "grouped GEMM over the tokens routed to them, and dequantizes again in backward instead "
-        "of keeping BF16 weights alive. model.dequantize() turns the experts back into BF16 "
-        "Parameters (which save and reload); save_pretrained on the packed model refuses, with "
-        "a warning that says to save the LoRA adapter or dequantize first, because the packed "
-        "layout cannot be loaded back. LoRA on the experts (peft target_parameters) needs float "
-        "weights: keep them BF16 with llm_int8_skip_modules=['experts']."
+        "runs them: on a GPU with Triton a fused 4-bit grouped GEMM decodes the packed weights "
+        "in registers (no BF16 copy, forward or backward); elsewhere it dequantizes a chunk of "
+        "experts at a time (256 MiB by default), runs grouped GEMM over the tokens routed to "
+        "them, and dequantizes again in backward. model.dequantize() turns the experts back "
+        "into BF16 Parameters (which save and reload); save_pretrained on the packed model "
+        "refuses, with a warning that says to save the LoRA adapter or dequantize first, "
+        "because the packed layout cannot be loaded back. LoRA on the experts (peft "
+        "target_parameters) needs float weights: keep them BF16 with "
+        "llm_int8_skip_modules=['experts']."
     ),
     references=(
         "unsloth PR 'gemma-4 moe: per-expert Linear4bit swap so 26B-A4B fits at 4-bit' (#5432)",

@@ -5,7 +5,9 @@ Gemma4TextExperts stores each layer's experts as two fused 3D tensors, gate_up_p
 `load_in_4bit` they stay BF16 (~46 GB for 26B-A4B). Here each 3D tensor is quantized whole
 (`bitsandbytes.functional.quantize_4bit` over the flattened tensor, so expert e owns a
 contiguous run of packed bytes and absmax blocks) and the forward dequantizes a chunk of
-experts at a time and runs grouped GEMM over the tokens routed to that chunk.
+experts at a time and runs grouped GEMM over the tokens routed to that chunk. On a GPU with
+Triton the fused kernel of experts_4bit_triton.py replaces that: it decodes the 4-bit
+weights inside the GEMM, so no BF16 copy of them is made at all.
 
 A custom autograd function keeps no dequantized weights between forward and backward: the
 backward dequantizes each chunk again. The extra memory a layer needs is one chunk of BF16
@@ -23,7 +25,13 @@ from dataclasses import dataclass
 
 import torch
 
+from patches.inject.experts_4bit_triton import fused_4bit_available, grouped_gemm_4bit
+
 DEFAULT_CHUNK_BYTES = int(os.environ.get("STACKPATCH_EXPERTS_CHUNK_MB", "256")) * 2**20
+# "auto": the fused Triton kernel where it can run, else dequantize-then-grouped-GEMM;
+# "dequantize": always the latter (for comparison, or if the fused kernel misbehaves).
+DEFAULT_KERNEL = os.environ.get("STACKPATCH_EXPERTS_KERNEL", "auto")
+EXPERTS_KERNELS = ("auto", "dequantize")
 
 
 @dataclass
@@ -150,12 +158,15 @@ def _grouped_linear_4bit(
     packed: PackedExperts,
     per_chunk: int,
     transpose: bool,
+    kernel: str = DEFAULT_KERNEL,
 ) -> torch.Tensor:
-    """y[rows of e] = x[rows of e] @ W_e^T (or @ W_e when `transpose`), chunk by chunk."""
+    """y[rows of e] = x[rows of e] @ W_e^T (or @ W_e when `transpose`)."""
+    absmax = _plain_absmax(packed)
+    if kernel == "auto" and fused_4bit_available(x, packed.state):
+        return grouped_gemm_4bit(x, offsets, packed.data, absmax, packed.state, transpose)
     _, rows, cols = packed.shape
     out_features = cols if transpose else rows
     out = x.new_zeros((x.shape[0], out_features), dtype=packed.state.dtype)
-    absmax = _plain_absmax(packed)
     bounds = _chunk_bounds(offsets, packed.num_experts, per_chunk, x.shape[0])
     for start, stop, first, end in bounds:
         weight = dequantize_experts(packed, start, stop, absmax)
@@ -170,18 +181,18 @@ class GroupedLinear4bit(torch.autograd.Function):
     """Grouped linear over 4-bit experts; backward re-dequantizes instead of saving weights."""
 
     @staticmethod
-    def forward(ctx, x, offsets, packed, per_chunk):  # type: ignore[override]
+    def forward(ctx, x, offsets, packed, per_chunk, kernel):  # type: ignore[override]
         ctx.save_for_backward(offsets)
-        ctx.packed, ctx.per_chunk, ctx.input_dtype = packed, per_chunk, x.dtype
-        return _grouped_linear_4bit(x, offsets, packed, per_chunk, transpose=False)
+        ctx.packed, ctx.per_chunk, ctx.kernel, ctx.input_dtype = packed, per_chunk, kernel, x.dtype
+        return _grouped_linear_4bit(x, offsets, packed, per_chunk, transpose=False, kernel=kernel)
 
     @staticmethod
     def backward(ctx, grad_output):  # type: ignore[override]
         (offsets,) = ctx.saved_tensors
         grad_input = _grouped_linear_4bit(
-            grad_output, offsets, ctx.packed, ctx.per_chunk, transpose=True
+            grad_output, offsets, ctx.packed, ctx.per_chunk, transpose=True, kernel=ctx.kernel
         )
-        return grad_input.to(ctx.input_dtype), None, None, None
+        return grad_input.to(ctx.input_dtype), None, None, None, None
 
 
 def grouped_linear_4bit(
@@ -189,8 +200,12 @@ def grouped_linear_4bit(
     offsets: torch.Tensor,
     packed: PackedExperts,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    kernel: str = DEFAULT_KERNEL,
 ) -> torch.Tensor:
-    return GroupedLinear4bit.apply(x, offsets, packed, experts_per_chunk(packed, chunk_bytes))
+    if kernel not in EXPERTS_KERNELS:
+        raise ValueError(f"experts kernel {kernel!r}: expected one of {', '.join(EXPERTS_KERNELS)}")
+    per_chunk = experts_per_chunk(packed, chunk_bytes)
+    return GroupedLinear4bit.apply(x, offsets, packed, per_chunk, kernel)
 
 
 def route(top_k_index: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -209,14 +224,15 @@ def experts_4bit_forward(
     top_k_index: torch.Tensor,
     top_k_weights: torch.Tensor,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    kernel: str = DEFAULT_KERNEL,
 ) -> torch.Tensor:
     """The MoE experts computation of Gemma4TextExperts with 4-bit weights."""
     num_tokens, hidden_dim = hidden_states.shape
     top_k = top_k_index.shape[-1]
     perm, offsets = route(top_k_index, gate_up.num_experts)
     routed = hidden_states[perm // top_k]
-    gate_up_out = grouped_linear_4bit(routed, offsets, gate_up, chunk_bytes)
-    down_out = grouped_linear_4bit(apply_gate(gate_up_out), offsets, down, chunk_bytes)
+    gate_up_out = grouped_linear_4bit(routed, offsets, gate_up, chunk_bytes, kernel)
+    down_out = grouped_linear_4bit(apply_gate(gate_up_out), offsets, down, chunk_bytes, kernel)
     weighted = down_out * top_k_weights.reshape(-1)[perm].unsqueeze(-1).to(down_out.dtype)
     combined = torch.zeros(
         (num_tokens * top_k, hidden_dim), dtype=weighted.dtype, device=weighted.device
