@@ -64,10 +64,14 @@ class Patch:
     references: tuple[str, ...] = ()
     reproducer: str | None = None
     historical_reason: str | None = None
+    # Patches whose effect the bug needs (e.g. P13's packed experts): --validate applies them
+    # to its copies of their packages in both runs, so only this patch differs between them.
+    requires: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        if not PATCH_ID_PATTERN.match(self.id):
-            raise ValueError(f"patch id {self.id!r} must look like P12")
+        for patch_id in (self.id, *self.requires):
+            if not PATCH_ID_PATTERN.match(patch_id):
+                raise ValueError(f"patch id {patch_id!r} must look like P12")
         SpecifierSet(self.affected)  # raises InvalidSpecifier on a typo
         if not self.targets:
             raise ValueError(f"patch {self.id} has no targets")

@@ -159,6 +159,9 @@ def render_status(
         lines.append(f"- rewrites: {targets}")
         if patch.reproducer:
             lines.append(f"- reproducer: `{patch.reproducer}`")
+        if patch.requires:
+            needed = ", ".join(patch.requires)
+            lines.append(f"- requires: {needed} (applied in both reproducer runs)")
         if patch.historical_reason:
             lines.append(f"- why historical: {patch.historical_reason}")
         if patch.references:

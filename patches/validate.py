@@ -61,6 +61,7 @@ class Validation:
             "date": date.today().isoformat(),
             "tool_version": __version__,
             "reproducer": self.patch.reproducer,
+            **({"requires": list(self.patch.requires)} if self.patch.requires else {}),
             "before": {
                 "reproduced": self.before.outcome == "bug",
                 "outcome": self.before.outcome,
@@ -90,6 +91,8 @@ def unpatched_copy(
     dist = env.distribution(patch.package)
     assert dist is not None
     for top in _package_dirs(patch):
+        if (dest / top).exists():  # a required patch of the same package copied it already
+            continue
         shutil.copytree(
             dist.location / top, dest / top, ignore=shutil.ignore_patterns("__pycache__")
         )
@@ -97,7 +100,7 @@ def unpatched_copy(
             if key.startswith(f"{top}/"):
                 atomic_write(dest / key, store.backup_path(record.backup_name).read_bytes())
     info = dest / f"{dist.name}-{dist.version}.dist-info"
-    info.mkdir()
+    info.mkdir(exist_ok=True)
     (info / "METADATA").write_text(
         f"Metadata-Version: 2.1\nName: {dist.name}\nVersion: {dist.version}\n"
     )
@@ -145,21 +148,41 @@ def _run_reproducer(python: str, reproducer: Path, overlay: Path) -> Run:
     return Run(outcome, report.get("error", ""), report.get("torch", ""), report.get("device", ""))
 
 
+def _required(patch: Patch) -> tuple[Patch, ...]:
+    from patches.registry import load_patches  # the catalog imports this engine's modules
+
+    catalog = {p.id: p for p in load_patches()}
+    unknown = [i for i in patch.requires if i not in catalog]
+    if unknown:
+        raise StackpatchError(f"{patch.id} requires unknown patch {', '.join(unknown)}")
+    return tuple(catalog[i] for i in patch.requires)
+
+
 def validate(patch: Patch, python: str | None, site_packages: str | None) -> Validation:
     if not patch.reproducer:
         raise StackpatchError(f"{patch.id} has no reproducer")
-    env = locate({patch.package, *STACK}, python, site_packages)
-    if env.distribution(patch.package) is None:
-        raise StackpatchError(
-            f"{patch.package} is not installed in the target environment; "
-            "point --python at an environment with the stack the reproducer needs"
-        )
+    required = _required(patch)
+    packages = [patch.package, *(r.package for r in required)]
+    env = locate({*packages, *STACK}, python, site_packages)
+    for package in packages:
+        if env.distribution(package) is None:
+            raise StackpatchError(
+                f"{package} is not installed in the target environment; "
+                "point --python at an environment with the stack the reproducer needs"
+            )
     store = StateStore(env.site_packages, env.state_dir)
     manifest = store.load(__version__)
     reproducer = ROOT / patch.reproducer
     with tempfile.TemporaryDirectory(prefix=f"stackpatch-{patch.id}-") as scratch:
         unpatched, patched = Path(scratch) / "unpatched", Path(scratch) / "patched"
-        unpatched_copy(patch, env, manifest, store, unpatched)
+        for copied in (patch, *required):
+            unpatched_copy(copied, env, manifest, store, unpatched)
+        # Both runs see the required patches; only `patch` differs between them.
+        missing = [f"{r.id} {why}" for r in required if (why := apply_to_copy(r, unpatched))]
+        if missing:
+            why = f"required patch not applied: {'; '.join(missing)}"
+            cannot = Run("inconclusive", why, "", "")
+            return Validation(patch, env, cannot, cannot)
         shutil.copytree(unpatched, patched)
         not_applied = apply_to_copy(patch, patched)
         before = _run_reproducer(env.python, reproducer, unpatched)

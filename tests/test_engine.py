@@ -12,12 +12,13 @@ MODELING = "transformers/models/gemma4/modeling_gemma4.py"
 MODULES = "bitsandbytes/nn/modules.py"
 FUNCTIONS = "bitsandbytes/autograd/_functions.py"
 LORA_MODEL = "peft/tuners/lora/model.py"
+LORA_LAYER = "peft/tuners/lora/layer.py"
 TUNERS_UTILS = "peft/tuners/tuners_utils.py"
 P13_FILES = (
     "transformers/integrations/bitsandbytes.py",
     "transformers/quantizers/quantizer_bnb_4bit.py",
 )
-EVERY_FILE = sorted([MODULES, LORA_MODEL, TUNERS_UTILS, MODELING, *P13_FILES])
+EVERY_FILE = sorted([MODULES, LORA_MODEL, LORA_LAYER, TUNERS_UTILS, MODELING, *P13_FILES])
 
 
 def test_check_reports_pending_with_documented_json(synthetic_site: Path, cli) -> None:
@@ -46,6 +47,7 @@ def test_check_reports_pending_with_documented_json(synthetic_site: Path, cli) -
         "P12": "pending",
         "P13": "pending",
         "P14": "pending",
+        "P15": "pending",
     }
     assert report["patches"][0]["installed_version"] == "0.49.2"
 
@@ -67,6 +69,7 @@ def test_apply_verify_revert_round_trip(synthetic_site: Path, cli) -> None:
         "P12": "applied",
         "P13": "applied",
         "P14": "applied",
+        "P15": "applied",
     }
     assert sorted(applied.json["written"]) == EVERY_FILE
     assert "# stackpatch P10" in (synthetic_site / MODELING).read_text()
@@ -128,10 +131,11 @@ def test_only_and_skip_select_patches(synthetic_site: Path, cli) -> None:
         "P12": "pending",
         "P13": "pending",
         "P14": "pending",
+        "P15": "pending",
     }
-    assert cli("--verify", "--skip", "P3,P11,P12,P13,P14", "-q", *site).code == 0
+    assert cli("--verify", "--skip", "P3,P11,P12,P13,P14,P15", "-q", *site).code == 0
     skipped = cli("--check", "--json", "--skip", "P10,P1", *site).json["patches"]
-    assert [p["id"] for p in skipped] == ["P2", "P3", "P9", "P11", "P12", "P13", "P14"]
+    assert [p["id"] for p in skipped] == ["P2", "P3", "P9", "P11", "P12", "P13", "P14", "P15"]
 
 
 def test_partial_revert_keeps_other_files(synthetic_site: Path, cli) -> None:
@@ -151,6 +155,7 @@ def test_partial_revert_keeps_other_files(synthetic_site: Path, cli) -> None:
         "P12": "applied",
         "P13": "applied",
         "P14": "applied",
+        "P15": "applied",
     }
 
 

@@ -52,6 +52,7 @@ def test_old_stack_full_cycle(install, cli) -> None:
         "P12": "pending",
         "P13": "pending",
         "P14": "pending",
+        "P15": "pending",
     }
     assert check.json["environment"]["packages"] == {
         "bitsandbytes": "0.49.2",
@@ -78,6 +79,7 @@ def test_old_stack_full_cycle(install, cli) -> None:
         "P12": "applied",
         "P13": "applied",
         "P14": "applied",
+        "P15": "applied",
     }
 
     assert cli("--apply", "-q", *args).code == 0
@@ -112,10 +114,12 @@ def test_new_stack_needs_the_peft_and_experts_patches(install, cli) -> None:
         "P12": "pending",
         "P13": "pending",
         "P14": "pending",
+        "P15": "pending",
     }
     assert cli("--verify", "-q", *args).code == 1
     apply = cli("--apply", "--json", *args)
     assert sorted(apply.json["written"]) == [
+        "peft/tuners/lora/layer.py",
         "peft/tuners/lora/model.py",
         "peft/tuners/tuners_utils.py",
         "transformers/integrations/bitsandbytes.py",
@@ -185,6 +189,7 @@ def test_python_option_targets_another_environment(tmp_path: Path) -> None:
         "P12": "not-installed",
         "P13": "pending",
         "P14": "not-installed",
+        "P15": "not-installed",
     }
 
     assert run_cli_process("--apply", "-q", "--python", str(python)).code == 0

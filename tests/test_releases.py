@@ -103,6 +103,7 @@ def test_against_requirements_says_what_an_upgrade_changes(install, cli, tool_ca
         "P13@5.6.0": ("pending", "pending"),
         "P12@0.21.2": ("pending", "pending"),
         "P14@0.21.2": ("pending", "pending"),
+        "P15@0.21.2": ("pending", "pending"),
         "P1@0.50.2": ("skipped", "skipped"),
         "P2@0.50.2": ("skipped", "skipped"),
         "P9@0.50.2": ("skipped", "skipped"),

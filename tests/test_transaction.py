@@ -70,7 +70,7 @@ FRESH_APPLY_WRITES = 2 * len(ALL_FILES) + 2
 
 def test_a_fresh_apply_writes_each_file_and_its_backup_once(synthetic_site: Path) -> None:
     # a backup and a write per file, plus the in-flight and the final manifest
-    assert len(ALL_FILES) == 6
+    assert len(ALL_FILES) == 7
     assert _count_writes(synthetic_site) == FRESH_APPLY_WRITES
 
 
@@ -127,7 +127,8 @@ def test_crash_after_some_writes_is_undone_by_revert(
 
     monkeypatch.setattr("patches.transaction._roll_back", no_rollback)
     with pytest.raises(Killed):
-        _apply(synthetic_site, _KillAt(8, Killed))  # after the first target file was written
+        # a backup per file and the in-flight manifest, then the first target file
+        _apply(synthetic_site, _KillAt(len(ALL_FILES) + 2, Killed))
     monkeypatch.undo()
 
     site = ("--site-packages", str(synthetic_site))

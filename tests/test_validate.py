@@ -91,3 +91,58 @@ def test_a_reproducer_that_crashes_is_inconclusive(
     assert result.before.outcome == "inconclusive"
     assert "ImportError: no torch here" in result.before.error
     assert not result.proves_fix
+
+
+# Reads P10's and P12's target files: the bug needs P10 in place, and P12 is what differs.
+REQUIRING_REPRODUCER = textwrap.dedent(
+    """
+    import importlib.util, json, sys
+    def text(module):
+        return open(importlib.util.find_spec(module).origin).read()
+    env = {"torch": "none", "device": "cpu"}
+    if "# stackpatch P10" not in text("transformers.models.gemma4.modeling_gemma4"):
+        sys.exit("inconclusive: P10 is not in place")
+    if "# stackpatch P12" not in text("peft.tuners.lora.model"):
+        print(json.dumps({"outcome": "bug", "error": "P12 missing", **env}))
+        sys.exit(1)
+    print(json.dumps({"outcome": "fine", "error": "both", **env}))
+    """
+)
+
+
+@pytest.fixture
+def p12_requiring_p10(tmp_path: Path):
+    reproducer = tmp_path / "requiring_reproducer.py"
+    reproducer.write_text(REQUIRING_REPRODUCER)
+    p12 = next(p for p in load_patches() if p.id == "P12")
+    return dataclasses.replace(p12, reproducer=str(reproducer), requires=("P10",))
+
+
+def test_required_patches_are_applied_in_both_runs(
+    synthetic_site: Path, p12_requiring_p10, tmp_path: Path
+) -> None:
+    before = snapshot(synthetic_site)
+    result = validate_module.validate(p12_requiring_p10, None, str(synthetic_site))
+    assert (result.before.outcome, result.after.outcome) == ("bug", "fine")
+    assert snapshot(synthetic_site) == before
+    record = json.loads(validate_module.write_record(result, tmp_path).read_text())
+    assert record["requires"] == ["P10"]
+    assert record["packages"]["transformers"] == "5.5.4"
+
+
+def test_a_required_patch_that_does_not_apply_makes_both_runs_inconclusive(
+    tmp_path: Path, p12_requiring_p10
+) -> None:
+    from conftest import write_distribution
+
+    site = tmp_path / "site"
+    fixed = (Path(__file__).parent / "fixtures/p10/upstream_fix.fixed.py").read_text()
+    write_distribution(
+        site, "transformers", "5.23.0", {"transformers/models/gemma4/modeling_gemma4.py": fixed}
+    )
+    peft = (Path(__file__).parent / "fixtures/p12/basic.before.py").read_text()
+    write_distribution(site, "peft", "0.21.2", {"peft/tuners/lora/model.py": peft})
+    result = validate_module.validate(p12_requiring_p10, None, str(site))
+    assert result.before.outcome == result.after.outcome == "inconclusive"
+    assert "required patch not applied: P10" in result.before.error
+    assert not result.proves_fix

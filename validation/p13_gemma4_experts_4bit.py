@@ -8,25 +8,12 @@ is packed 4-bit and a LoRA training step through experts and attention runs.
 
 from __future__ import annotations
 
-import tempfile
-
 import torch
 from peft import LoraConfig, get_peft_model
-from tiny_gemma4 import bug, fine, text_config
-from transformers import AutoModelForCausalLM, BitsAndBytesConfig, Gemma4ForCausalLM
+from tiny_gemma4 import bug, fine, load_in_4bit, text_config
 
 torch.manual_seed(0)
-config = BitsAndBytesConfig(
-    load_in_4bit=True,
-    bnb_4bit_quant_type="nf4",
-    bnb_4bit_use_double_quant=True,
-    bnb_4bit_compute_dtype=torch.bfloat16,
-)
-with tempfile.TemporaryDirectory() as checkpoint:
-    Gemma4ForCausalLM(text_config()).to(torch.bfloat16).save_pretrained(checkpoint)
-    model = AutoModelForCausalLM.from_pretrained(
-        checkpoint, quantization_config=config, device_map="cpu", dtype=torch.bfloat16
-    )
+model = load_in_4bit(text_config())
 
 experts = [m for m in model.modules() if type(m).__name__ == "Gemma4TextExperts"]
 if not experts:

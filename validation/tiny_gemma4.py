@@ -55,6 +55,27 @@ def multimodal_config(**text_overrides: Any):
     )
 
 
+def load_in_4bit(config):
+    """A tiny Gemma 4 of `config` with random BF16 weights, saved and loaded back on CPU with
+    load_in_4bit (NF4, double quantization, BF16 compute): the path a real checkpoint takes."""
+    import tempfile
+
+    import torch
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, Gemma4ForCausalLM
+
+    quantization = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+    )
+    with tempfile.TemporaryDirectory() as checkpoint:
+        Gemma4ForCausalLM(config).to(torch.bfloat16).save_pretrained(checkpoint)
+        return AutoModelForCausalLM.from_pretrained(
+            checkpoint, quantization_config=quantization, device_map="cpu", dtype=torch.bfloat16
+        )
+
+
 def _environment() -> dict[str, str]:
     import torch
 
