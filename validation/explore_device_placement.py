@@ -9,10 +9,18 @@ layers executed off the GPU ("cpu" in the device_map: accelerate's offload hooks
 quantized weights bitsandbytes' `llm_int8_enable_fp32_cpu_offload`), the weight format
 (BF16, INT8, NF4) and non-reentrant gradient checkpointing. LoRA on the offloaded layers
 needs P14.
+
+Placements (`--placements`, default `cpu`): `cpu` puts the second half of the layers on
+"cpu"; `disk` on "disk" (an offload folder); `2gpu-cpu` puts the first half on cuda:0 and
+cuda:1 and the second half on "cpu" (needs two GPUs), which is closest to the collection's own
+run (multimodal wrapper, two GPUs, CPU offload).
+
+    python validation/explore_device_placement.py --placements disk 2gpu-cpu --checkpointing gc
 """
 
 from __future__ import annotations
 
+import argparse
 import itertools
 import json
 import subprocess
@@ -26,16 +34,30 @@ CHECKPOINTING = ("gc", "no-gc")
 LORA_TARGETS = r"^model\.(language_model\.)?layers\.\d+\.self_attn\.(q|k|v|o)_proj$"
 
 
-def split_device_map(skeleton, layers_path: str, gpu: str) -> dict[str, str]:
-    """Everything on `gpu` except the second half of the decoder layers, which go to "cpu"."""
+PLACEMENTS = ("cpu", "disk", "2gpu-cpu")
+
+
+def layer_devices(placement: str, layers: int, gpu: str) -> list[str]:
+    """Where each decoder layer goes: the first half on the GPU(s), the second half offloaded."""
+    half = layers // 2
+    if placement == "2gpu-cpu":
+        first = ["cuda:0" if i < half // 2 else "cuda:1" for i in range(half)]
+        return [*first, *["cpu"] * (layers - half)]
+    offload = "disk" if placement == "disk" else "cpu"
+    return [*[gpu] * half, *[offload] * (layers - half)]
+
+
+def split_device_map(skeleton, layers_path: str, gpu: str, placement: str) -> dict[str, str]:
+    """Everything on `gpu` except the decoder layers, placed by `layer_devices`."""
     device_map: dict[str, str] = {}
 
     def walk(module, prefix: str) -> None:
         for name, child in module.named_children():
             full = prefix + name
             if full == layers_path:
+                devices = layer_devices(placement, len(child), gpu)
                 for index in range(len(child)):
-                    device_map[f"{full}.{index}"] = "cpu" if index >= len(child) // 2 else gpu
+                    device_map[f"{full}.{index}"] = devices[index]
             elif layers_path.startswith(full + "."):
                 walk(child, full + ".")
             else:
@@ -60,7 +82,7 @@ def quantization(fmt: str):
     return None
 
 
-def one_step(wrapper: str, fmt: str, checkpointing: bool) -> str:
+def one_step(wrapper: str, fmt: str, checkpointing: bool, placement: str) -> str:
     import torch
     from peft import LoraConfig, get_peft_model
     from tiny_gemma4 import multimodal_config, text_config
@@ -88,7 +110,8 @@ def one_step(wrapper: str, fmt: str, checkpointing: bool) -> str:
         skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(checkpoint))
     model = AutoModelForCausalLM.from_pretrained(
         checkpoint,
-        device_map=split_device_map(skeleton, layers_path, gpu),
+        device_map=split_device_map(skeleton, layers_path, gpu, placement),
+        offload_folder=tempfile.mkdtemp() if placement == "disk" else None,
         dtype=torch.bfloat16,
         quantization_config=quantization(fmt),
     )
@@ -108,9 +131,9 @@ def one_step(wrapper: str, fmt: str, checkpointing: bool) -> str:
     return f"ok (loss {loss.item():.4f})"
 
 
-def run(wrapper: str, fmt: str, checkpointing: str) -> dict:
+def run(wrapper: str, fmt: str, checkpointing: str, placement: str) -> dict:
     completed = subprocess.run(
-        [sys.executable, __file__, "--one", wrapper, fmt, checkpointing],
+        [sys.executable, __file__, "--one", wrapper, fmt, checkpointing, placement],
         capture_output=True,
         text=True,
         timeout=600,
@@ -122,15 +145,27 @@ def run(wrapper: str, fmt: str, checkpointing: str) -> dict:
         outcome = completed.stdout.strip().splitlines()[-1]
     else:
         outcome = (errors or lines or [f"exit {completed.returncode}"])[-1]
-    return {"wrapper": wrapper, "format": fmt, "checkpointing": checkpointing, "outcome": outcome}
+    return {
+        "wrapper": wrapper,
+        "format": fmt,
+        "checkpointing": checkpointing,
+        "placement": placement,
+        "outcome": outcome,
+    }
 
 
 def main(argv: list[str]) -> None:
     if argv[:1] == ["--one"]:
-        print(one_step(argv[1], argv[2], argv[3] == "gc"))
+        print(one_step(argv[1], argv[2], argv[3] == "gc", argv[4]))
         return
-    for setup in itertools.product(WRAPPERS, FORMATS, CHECKPOINTING):
-        print(json.dumps(run(*setup)), flush=True)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--placements", nargs="+", choices=PLACEMENTS, default=["cpu"])
+    parser.add_argument("--checkpointing", nargs="+", choices=CHECKPOINTING, default=CHECKPOINTING)
+    args = parser.parse_args(argv)
+    for wrapper, fmt, checkpointing, placement in itertools.product(
+        WRAPPERS, FORMATS, args.checkpointing, args.placements
+    ):
+        print(json.dumps(run(wrapper, fmt, checkpointing, placement)), flush=True)
 
 
 if __name__ == "__main__":
