@@ -105,15 +105,19 @@ class PatchTransform(VisitorBasedCodemodCommand):
         text = f"{MARKER_PREFIX} {self.patch_id}"
         return cst.Comment(f"{text}: {note}" if note else text)
 
+    def marked_comment(self, comment: cst.Comment, note: str = "") -> cst.Comment:
+        """`comment` with the marker after it."""
+        return cst.Comment(f"{comment.value}  {self.marker(note).value}")
+
     def trailing_marker(
         self, note: str = "", existing: cst.TrailingWhitespace | None = None
     ) -> cst.TrailingWhitespace:
         """A line end carrying the marker, after any comment the line already had."""
-        marker = self.marker(note)
         if existing is not None and existing.comment is not None:
-            marker = cst.Comment(f"{existing.comment.value}  {marker.value}")
-            return existing.with_changes(comment=marker)
-        return cst.TrailingWhitespace(whitespace=cst.SimpleWhitespace("  "), comment=marker)
+            return existing.with_changes(comment=self.marked_comment(existing.comment, note))
+        return cst.TrailingWhitespace(
+            whitespace=cst.SimpleWhitespace("  "), comment=self.marker(note)
+        )
 
     def marker_line(self, note: str = "", indent: bool = True) -> cst.EmptyLine:
         return cst.EmptyLine(indent=indent, comment=self.marker(note))
@@ -267,8 +271,7 @@ class _MarkEveryLine(cst.CSTTransformer):
         comment = updated_node.comment
         if comment is None or self.transform.carries_marker(updated_node):
             return updated_node
-        marker = self.transform.marker()
-        return updated_node.with_changes(comment=cst.Comment(f"{comment.value}  {marker.value}"))
+        return updated_node.with_changes(comment=self.transform.marked_comment(comment))
 
 
 _REPO_IMPORT = m.ImportFrom(module=m.Attribute(value=m.Attribute(value=m.Name("patches"))))
