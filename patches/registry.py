@@ -28,6 +28,10 @@ def load_patches() -> tuple[Patch, ...]:
         if patch.id in patches:
             raise TypeError(f"{module.__name__} reuses patch id {patch.id}")
         patches[patch.id] = patch
+    for patch in patches.values():
+        unknown = [i for i in patch.requires if i not in patches]
+        if unknown:
+            raise TypeError(f"{patch.id} requires unknown patch {', '.join(unknown)}")
     return tuple(sorted(patches.values(), key=lambda p: p.number))
 
 

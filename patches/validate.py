@@ -151,10 +151,7 @@ def _run_reproducer(python: str, reproducer: Path, overlay: Path) -> Run:
 def _required(patch: Patch) -> tuple[Patch, ...]:
     from patches.registry import load_patches  # the catalog imports this engine's modules
 
-    catalog = {p.id: p for p in load_patches()}
-    unknown = [i for i in patch.requires if i not in catalog]
-    if unknown:
-        raise StackpatchError(f"{patch.id} requires unknown patch {', '.join(unknown)}")
+    catalog = {p.id: p for p in load_patches()}  # load_patches checks that the ids exist
     return tuple(catalog[i] for i in patch.requires)
 
 

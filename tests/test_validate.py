@@ -146,3 +146,15 @@ def test_a_required_patch_that_does_not_apply_makes_both_runs_inconclusive(
     assert result.before.outcome == result.after.outcome == "inconclusive"
     assert "required patch not applied: P10" in result.before.error
     assert not result.proves_fix
+
+
+def test_a_requirement_on_an_unknown_patch_fails_when_the_catalog_loads(monkeypatch) -> None:
+    from types import SimpleNamespace
+
+    from patches import registry
+
+    p12 = next(p for p in load_patches() if p.id == "P12")
+    fake = SimpleNamespace(__name__="fake", PATCH=dataclasses.replace(p12, requires=("P99",)))
+    monkeypatch.setattr(registry, "_catalog_modules", lambda: [fake])
+    with pytest.raises(TypeError, match="P12 requires unknown patch P99"):
+        registry.load_patches()
