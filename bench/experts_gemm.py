@@ -12,14 +12,14 @@ and dequantize-the-layer-then-grouped_mm, median ms and ratio to BF16.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from gpu_timing import fused_kernel_configs, median_ms
 
 from patches.inject.experts_4bit import (
     _grouped_mm,
@@ -30,24 +30,7 @@ from patches.inject.experts_4bit import (
 )
 from patches.inject.experts_4bit_triton import grouped_gemm_4bit
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from moe_experts import tuned_configs
-
 EXPERTS, HIDDEN, INTERMEDIATE, TOP_K = 128, 2816, 704, 8
-
-
-def median_ms(fn: Callable[[], object], repeats: int) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def main() -> int:
@@ -98,7 +81,7 @@ def main() -> int:
                 f"| {tokens} | {label} | {times[0]:.3f} | {times[1]:.3f} | {times[2]:.3f} | "
                 f"{times[1] / times[0]:.2f} |"
             )
-    for name, config in tuned_configs().items():
+    for name, config in fused_kernel_configs().items():
         print(f"{name}: {config}")
     return 0
 

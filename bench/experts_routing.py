@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from experts_gemm import median_ms
+from gpu_timing import median_ms
 
 from patches.inject.experts_4bit import (
     _grouped_linear_4bit,

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import sys
 from collections.abc import Callable
 from datetime import date
@@ -34,6 +33,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from gpu_timing import fused_kernel_configs, median_ms
 
 from patches.inject.experts_4bit import experts_4bit_forward, pack_experts
 from patches.inject.experts_4bit_triton import fused_4bit_available
@@ -119,15 +120,7 @@ def time_fwd_bwd(
     out = step()
     torch.cuda.synchronize()
     extra = torch.cuda.max_memory_allocated() - base
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        step()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times), extra, out.detach()
+    return median_ms(step, repeats, warmup=0), extra, out.detach()
 
 
 def main() -> int:
@@ -228,7 +221,7 @@ def main() -> int:
         "resident_weights_gib": {k: round(v / 2**30, 3) for k, v in resident.items()},
         "repeats": args.repeats,
         "fused_vs_dequantize_cosine": {t: round(c, 6) for t, c in agreement.items()},
-        "fused_kernel_configs": tuned_configs(),
+        "fused_kernel_configs": fused_kernel_configs(),
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "moe_experts.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
@@ -258,17 +251,6 @@ def main() -> int:
     print("fused kernel tile configs chosen by the autotuner:", meta["fused_kernel_configs"])
     # Same packed weights, so the two paths differ only by bf16 rounding and summation order.
     return 0 if min(agreement.values()) > 0.9999 else 1
-
-
-def tuned_configs() -> dict[str, str]:
-    from patches.inject import experts_4bit_triton
-
-    tuners = {"x@W^T": experts_4bit_triton._x_wt_tuned, "x@W": experts_4bit_triton._x_w_tuned}
-    return {
-        f"{name} N={key[0]} K={key[1]} rows/expert~{key[2]}": str(config)
-        for name, tuner in tuners.items()
-        for key, config in tuner.cache.items()
-    }
 
 
 if __name__ == "__main__":
