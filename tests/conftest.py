@@ -30,6 +30,8 @@ WHEEL_CACHE = cache_dir() / "wheels"  # where download_wheel keeps them
 # fixtures' `basic.before.py` shape (a file several patches target concatenates theirs), in
 # one release per package that is inside every patch's range.
 SYNTHETIC_VERSIONS = {"transformers": "5.5.4", "bitsandbytes": "0.49.2", "peft": "0.19.1"}
+# The historical patches: skipped unless asked for, whatever the environment holds.
+HISTORICAL = {p.id: "skipped" for p in load_patches() if not p.recommended}
 
 
 def fixture_dir(patch: Patch, target: Target) -> str:

@@ -6,7 +6,7 @@ import json
 import shutil
 from pathlib import Path
 
-from conftest import FIXTURES, snapshot, write_distribution
+from conftest import FIXTURES, HISTORICAL, snapshot, write_distribution
 
 MODELING = "transformers/models/gemma4/modeling_gemma4.py"
 MODULES = "bitsandbytes/nn/modules.py"
@@ -18,7 +18,10 @@ P13_FILES = (
     "transformers/integrations/bitsandbytes.py",
     "transformers/quantizers/quantizer_bnb_4bit.py",
 )
-EVERY_FILE = sorted([MODULES, LORA_MODEL, LORA_LAYER, TUNERS_UTILS, MODELING, *P13_FILES])
+MODELING_UTILS = "transformers/modeling_utils.py"
+EVERY_FILE = sorted(
+    [FUNCTIONS, MODULES, LORA_MODEL, LORA_LAYER, TUNERS_UTILS, MODELING, MODELING_UTILS, *P13_FILES]
+)
 
 
 def test_check_reports_pending_with_documented_json(synthetic_site: Path, cli) -> None:
@@ -38,16 +41,15 @@ def test_check_reports_pending_with_documented_json(synthetic_site: Path, cli) -
     assert p10["status"] == "upstreamable"
     assert p10["state"] == "pending"
     assert result.states() == {
-        "P1": "skipped",
-        "P2": "skipped",
-        "P9": "skipped",
-        "P3": "pending",
+        **HISTORICAL,
+        "P2": "pending",
         "P10": "pending",
         "P11": "pending",
         "P12": "pending",
         "P13": "pending",
         "P14": "pending",
         "P15": "pending",
+        "P16": "pending",
     }
     assert report["patches"][0]["installed_version"] == "0.49.2"
 
@@ -60,16 +62,15 @@ def test_apply_verify_revert_round_trip(synthetic_site: Path, cli) -> None:
     applied = cli("--apply", "--json", *site)
     assert applied.code == 0
     assert applied.states() == {
-        "P1": "skipped",
-        "P2": "skipped",
-        "P9": "skipped",
-        "P3": "applied",
+        **HISTORICAL,
+        "P2": "applied",
         "P10": "applied",
         "P11": "applied",
         "P12": "applied",
         "P13": "applied",
         "P14": "applied",
         "P15": "applied",
+        "P16": "applied",
     }
     assert sorted(applied.json["written"]) == EVERY_FILE
     assert "# stackpatch P10" in (synthetic_site / MODELING).read_text()
@@ -122,20 +123,21 @@ def test_only_and_skip_select_patches(synthetic_site: Path, cli) -> None:
     verify_all = cli("--verify", "--json", *site)
     assert verify_all.code == 1
     assert verify_all.states() == {
-        "P1": "skipped",
-        "P2": "skipped",
-        "P9": "skipped",
-        "P3": "pending",
+        **HISTORICAL,
+        "P2": "pending",
         "P10": "applied",
         "P11": "pending",
         "P12": "pending",
         "P13": "pending",
         "P14": "pending",
         "P15": "pending",
+        "P16": "pending",
     }
-    assert cli("--verify", "--skip", "P3,P11,P12,P13,P14,P15", "-q", *site).code == 0
+    assert cli("--verify", "--skip", "P2,P3,P11,P12,P13,P14,P15,P16", "-q", *site).code == 0
     skipped = cli("--check", "--json", "--skip", "P10,P1", *site).json["patches"]
-    assert [p["id"] for p in skipped] == ["P2", "P3", "P9", "P11", "P12", "P13", "P14", "P15"]
+    assert [p["id"] for p in skipped] == [
+        "P2", "P3", "P4", "P5", "P6", "P7", "P8", "P9", "P11", "P12", "P13", "P14", "P15", "P16"
+    ]  # fmt: skip
 
 
 def test_partial_revert_keeps_other_files(synthetic_site: Path, cli) -> None:
@@ -146,22 +148,21 @@ def test_partial_revert_keeps_other_files(synthetic_site: Path, cli) -> None:
     assert (synthetic_site / MODULES).read_bytes() == original
     states = cli("--check", "--json", *site).states()
     assert states == {
-        "P1": "skipped",
-        "P2": "skipped",
-        "P9": "skipped",
-        "P3": "pending",
+        **HISTORICAL,
+        "P2": "applied",
         "P10": "applied",
         "P11": "pending",
         "P12": "applied",
         "P13": "applied",
         "P14": "applied",
         "P15": "applied",
+        "P16": "applied",
     }
 
 
 def test_partial_revert_of_a_shared_file_is_refused(synthetic_site: Path, cli) -> None:
     site = ("--site-packages", str(synthetic_site))
-    cli("--apply", "-q", *site)
+    cli("--apply", "-q", "--include-historical", *site)  # P3 shares modules.py with P11
     before = snapshot(synthetic_site)
     refused = cli("--revert", "--only", "P11", *site)
     assert refused.code == 2

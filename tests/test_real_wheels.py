@@ -12,7 +12,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from conftest import pip_install_target, run_cli_process, wheel, wheel_file
+from conftest import HISTORICAL, pip_install_target, run_cli_process, wheel, wheel_file
 
 pytestmark = pytest.mark.wheels
 
@@ -43,16 +43,15 @@ def test_old_stack_full_cycle(install, cli) -> None:
     check = cli("--check", "--json", *args)
     assert check.code == 0
     assert check.states() == {
-        "P1": "skipped",
-        "P2": "skipped",
-        "P9": "skipped",
-        "P3": "pending",
+        **HISTORICAL,
+        "P2": "pending",
         "P10": "pending",
         "P11": "pending",
         "P12": "pending",
         "P13": "pending",
         "P14": "pending",
         "P15": "pending",
+        "P16": "pending",
     }
     assert check.json["environment"]["packages"] == {
         "bitsandbytes": "0.49.2",
@@ -70,16 +69,15 @@ def test_old_stack_full_cycle(install, cli) -> None:
     verify = cli("--verify", "--json", *args)
     assert verify.code == 1
     assert verify.states() == {
-        "P1": "skipped",
-        "P2": "skipped",
-        "P9": "skipped",
-        "P3": "applied",
+        **HISTORICAL,
+        "P2": "applied",
         "P10": "drifted",
         "P11": "applied",
         "P12": "applied",
         "P13": "applied",
         "P14": "applied",
         "P15": "applied",
+        "P16": "applied",
     }
 
     assert cli("--apply", "-q", *args).code == 0
@@ -99,30 +97,31 @@ def test_patched_code_compiles_and_keeps_its_meaning(install, cli) -> None:
     assert "        **kwargs,  # stackpatch P11\n" in modules
 
 
-def test_new_stack_needs_the_peft_and_experts_patches(install, cli) -> None:
+def test_new_stack_needs_the_peft_bnb_and_experts_patches(install, cli) -> None:
     site = install(*NEW_STACK)
     args = ("--site-packages", str(site))
     check = cli("--check", "--json", *args)
     assert check.code == 0
     assert check.states() == {
-        "P1": "skipped",
-        "P2": "skipped",
-        "P9": "skipped",
-        "P3": "fixed-upstream",
+        **HISTORICAL,
+        "P2": "pending",
         "P10": "fixed-upstream",
         "P11": "fixed-upstream",
         "P12": "pending",
         "P13": "pending",
         "P14": "pending",
         "P15": "pending",
+        "P16": "pending",
     }
     assert cli("--verify", "-q", *args).code == 1
     apply = cli("--apply", "--json", *args)
     assert sorted(apply.json["written"]) == [
+        "bitsandbytes/autograd/_functions.py",
         "peft/tuners/lora/layer.py",
         "peft/tuners/lora/model.py",
         "peft/tuners/tuners_utils.py",
         "transformers/integrations/bitsandbytes.py",
+        "transformers/modeling_utils.py",
         "transformers/quantizers/quantizer_bnb_4bit.py",
     ]
     assert cli("--verify", "-q", *args).code == 0
@@ -139,13 +138,19 @@ def test_fixed_shape_is_recognised_inside_the_range(install, cli, tmp_path: Path
 
 
 def test_historical_patch_round_trip(install, cli) -> None:
-    site = install("bitsandbytes==0.49.2")
+    """Every patch, historical ones included, on the real oldest stack: applied beside each
+    other, the rewritten files still compile, and revert restores the wheels' bytes."""
+    site = install(*OLD_STACK)
     args = ("--site-packages", str(site), "--include-historical")
-    assert cli("--check", "--json", *args).states()["P1"] == "pending"
-    assert cli("--apply", "-q", *args).code == 0
+    states = cli("--check", "--json", *args).states()
+    assert set(states.values()) == {"pending"}, states
+    applied = cli("--apply", "--json", *args)
+    assert applied.code == 0
+    for relative in applied.json["written"]:
+        compile((site / relative).read_text(), relative, "exec")
     assert cli("--verify", "-q", *args).code == 0
     assert cli("--revert", "-q", *args).code == 0
-    assert_identical_to_wheels(site, ("bitsandbytes==0.49.2",))
+    assert_identical_to_wheels(site, OLD_STACK)
 
 
 def test_edited_wheel_is_target_missing(install, cli) -> None:
@@ -180,16 +185,15 @@ def test_python_option_targets_another_environment(tmp_path: Path) -> None:
     assert check.json["environment"]["site_packages"] == purelib
     assert check.json["environment"]["packages"] == {"transformers": "5.5.4"}
     assert check.states() == {
-        "P1": "skipped",
-        "P2": "skipped",
-        "P9": "skipped",
-        "P3": "not-installed",
+        **HISTORICAL,
+        "P2": "not-installed",
         "P10": "pending",
         "P11": "not-installed",
         "P12": "not-installed",
         "P13": "pending",
         "P14": "not-installed",
         "P15": "not-installed",
+        "P16": "pending",
     }
 
     assert run_cli_process("--apply", "-q", "--python", str(python)).code == 0

@@ -1,4 +1,4 @@
-"""P3: Linear8bitLt saves its state dict when the weight carries no SCB attribute."""
+"""P3 (historical): Linear8bitLt saves its state dict when the weight has no SCB attribute."""
 
 from __future__ import annotations
 
@@ -60,7 +60,7 @@ PATCH = Patch(
     title="Linear8bitLt state_dict tolerates a weight without SCB",
     package="bitsandbytes",
     affected="<0.50.0",
-    status=Status.CONFIRMED,
+    status=Status.HISTORICAL,
     targets=(Target("bitsandbytes/nn/modules.py", DefaultMissingScb),),
     rationale=(
         "Linear8bitLt._save_to_state_dict reads `getattr(self.weight, scb_name)` without a "
@@ -69,6 +69,17 @@ PATCH = Patch(
         "AttributeError, so saving a checkpoint or an adapter fails. The code right after "
         "already handles a missing weight SCB by falling back to the state's SCB. bitsandbytes "
         "0.50.0 added the None default; this patch adds it to older releases."
+    ),
+    historical_reason=(
+        "The collection claimed it confirmed; no organic path to it was found. Int8Params sets "
+        "an SCB attribute in __new__ (None when unknown), and accelerate re-creates offloaded "
+        "weights as Int8Params with their attributes, so getattr finds SCB. Tried on "
+        "transformers 5.5.4 / bitsandbytes 0.49.2 (CPU, P11 applied): an all-CPU 8-bit load "
+        "(state_dict and PEFT save_pretrained work) and 'disk' layers (left unquantized); on "
+        "the GPU, INT8 layers that device_map='auto' offloads (P16's bug) failed in backward "
+        "(P2), not in saving, on bitsandbytes 0.50.2, which already has the default. "
+        "bitsandbytes 0.50.0 added the default upstream. Off by default until a reproducer "
+        "shows the AttributeError."
     ),
     references=(
         "https://github.blesdmm.dns-dynamic.net/bitsandbytes-foundation/bitsandbytes/issues/1927",

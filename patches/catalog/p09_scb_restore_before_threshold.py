@@ -40,11 +40,13 @@ PATCH = Patch(
         "weight before the `state.threshold > 0.0` branch uses it."
     ),
     historical_reason=(
-        "Built on P2's assumption, which no public code path produces: Linear8bitLt.forward "
-        "copies CB and SCB from the weight into the state together (init_8bit_state), and "
-        "MatMul8bitLt.forward re-quantizes whenever either is None on the path that sets them. "
-        "The collection's author withdrew it with P2 (its reproducer forced SCB to None); "
-        "kept for users of the collection, off by default."
+        "The state P9 guards against is real, but forward never meets it: accelerate's offload "
+        "hook clears state.SCB (not CB) after each forward of an offloaded Linear8bitLt (P2), "
+        "yet before the next forward, recomputation included, the same hook loads the weight "
+        "with CB and SCB and Linear8bitLt.forward copies both into the state "
+        "(init_8bit_state), bitsandbytes 0.45-0.50.2, accelerate 1.13-1.15. Only backward "
+        "reads the cleared state, which P2 fixes. Kept for users of the collection, off by "
+        "default."
     ),
     references=(
         "https://github.blesdmm.dns-dynamic.net/bitsandbytes-foundation/bitsandbytes/issues/1927",
