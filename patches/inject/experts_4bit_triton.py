@@ -25,6 +25,7 @@ defined but `fused_4bit_available`, which then says no.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -385,10 +386,15 @@ def grouped_gemm_4bit(
         m_tiles = triton.cdiv(x.shape[0], meta["BLOCK_M"]) + num_experts
         return (m_tiles * triton.cdiv(n, meta["BLOCK_N"]),)
 
-    if blocks is None:
-        kernel = _x_w_tuned if transpose else _x_wt_tuned
-        kernel[grid](*arguments, **constants)
-    else:
-        kernel = _x_w_kernel if transpose else _x_wt_kernel
-        kernel[grid](*arguments, **constants, **blocks)
+    # Triton launches on the current CUDA device's stream. On a model split over GPUs that
+    # need not be x's device: the kernel then races the producer of x on its own device
+    # (garbage values, NaN losses, a different MoE routing when checkpointing recomputes).
+    on_device = torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+    with on_device:
+        if blocks is None:
+            kernel = _x_w_tuned if transpose else _x_wt_tuned
+            kernel[grid](*arguments, **constants)
+        else:
+            kernel = _x_w_kernel if transpose else _x_wt_kernel
+            kernel[grid](*arguments, **constants, **blocks)
     return out

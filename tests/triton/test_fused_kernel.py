@@ -112,3 +112,28 @@ def test_layouts_whose_tiles_would_straddle_scale_blocks_are_not_supported() -> 
     # 96 values per row: rows start mid-block.
     assert not fused_4bit_supports(pack_experts(weight(5, cols=96)).state)
     assert not fused_4bit_supports(pack_experts(weight(5), blocksize=32).state)
+
+
+@pytest.mark.skipif(
+    INTERPRETED or torch.cuda.device_count() < 2, reason="needs two CUDA GPUs"
+)  # fmt: skip
+def test_tensors_on_another_gpu_than_the_current_one() -> None:
+    """A model split over GPUs calls the kernel with cuda:0 current and x on cuda:1, right
+    after cuda:1 produced x: the launch must go to cuda:1's stream, behind the producer."""
+    packed = pack_experts(weight(1).to("cuda:1"), quant_type="nf4", blocksize=64)
+    ends = torch.tensor(ROWS_PER_EXPERT).cumsum(0).to("cuda:1", torch.int32)
+    absmax = _plain_absmax(packed)
+    generator = torch.Generator().manual_seed(2)
+    source = torch.randn(sum(ROWS_PER_EXPERT), COLS, generator=generator, dtype=torch.float16)
+    busy = torch.randn(4096, 4096, device="cuda:1", dtype=torch.float16)
+    expected = reference(source.to("cuda:1"), dequantize_all(packed), transpose=False)
+    for _ in range(5):
+        with torch.cuda.device(0):
+            # A long kernel on cuda:1 before x is written there: a launch on cuda:0's stream
+            # would read x before its copy lands.
+            for _ in range(8):
+                busy = busy @ busy * 1e-3
+            x = source.to("cuda:1", non_blocking=True) + busy[0, 0] * 0
+            out = grouped_gemm_4bit(x, ends, packed.data, absmax, packed.state, False, BLOCKS)
+        assert out.device == x.device
+        assert_close_to_dequantized(out, expected)
