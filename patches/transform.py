@@ -119,6 +119,20 @@ class PatchTransform(VisitorBasedCodemodCommand):
             whitespace=cst.SimpleWhitespace("  "), comment=self.marker(note)
         )
 
+    def with_value(
+        self, line: cst.SimpleStatementLine, value: cst.BaseExpression, note: str = ""
+    ) -> cst.SimpleStatementLine:
+        """`line`, one assignment (`=` or an augmented one), with `value` on its right-hand
+        side and the marker at its end; counts the rewrite."""
+        self.count_rewrite()
+        statement = line.body[0]
+        if not isinstance(statement, (cst.Assign, cst.AugAssign)):
+            raise TypeError(f"{self.patch_id}: expected an assignment, got {statement}")
+        return line.with_changes(
+            body=[statement.with_changes(value=value)],
+            trailing_whitespace=self.trailing_marker(note, existing=line.trailing_whitespace),
+        )
+
     def marker_line(self, note: str = "", indent: bool = True) -> cst.EmptyLine:
         return cst.EmptyLine(indent=indent, comment=self.marker(note))
 

@@ -17,13 +17,14 @@ run (multimodal wrapper, two GPUs, CPU offload).
 
     python validation/explore_device_placement.py --placements disk 2gpu-cpu --checkpointing gc
 
-`auto` lets transformers place the model (`device_map="auto"` with a GPU budget of about half
-the model, the rest on "cpu"), as the collection's own run did; `auto-2gpu` splits that budget
-over two GPUs. `--recipe collection` trains as the collection's example does: for quantized
-weights `prepare_model_for_kbit_training`, LoRA r=16 on all linear layers, text-only batches
-(no `mm_token_type_ids`: needs P10 on transformers 5.5.x) and two AdamW steps. `gc-reentrant`
-is reentrant gradient checkpointing. `--trace` names the first module whose forward output
-is not finite (the set-ups above ran with weights and inputs far from overflow).
+`auto` lets transformers place the model (`device_map="auto"` with the first of
+`tiny_gemma4.load_split`'s GPU budgets that leaves some layers on the GPU and some on "cpu"),
+as the collection's own run did; `auto-2gpu` splits that budget over two GPUs. `--recipe
+collection` trains as the collection's example does: for quantized weights
+`prepare_model_for_kbit_training`, LoRA r=16 on all linear layers, text-only batches (no
+`mm_token_type_ids`: needs P10 on transformers 5.5.x) and two AdamW steps. `gc-reentrant` is
+reentrant gradient checkpointing. `--trace` names the first module whose forward output is
+not finite (the set-ups above ran with weights and inputs far from overflow).
 """
 
 from __future__ import annotations
@@ -45,9 +46,6 @@ LORA_TARGETS = r"^model\.(language_model\.)?layers\.\d+\.self_attn\.(q|k|v|o)_pr
 
 
 PLACEMENTS = ("cpu", "disk", "2gpu-cpu", "auto", "auto-2gpu")
-# Fractions of the BF16 model size tried as the GPU budget of `auto`, until some decoder
-# layers land on the GPU and some on "cpu" (accelerate reserves room for the largest layer).
-AUTO_BUDGETS = (0.5, 0.65, 0.8, 0.35, 0.25, 0.15, 0.1)
 
 
 def layer_devices(placement: str, layers: int, gpu: str) -> list[str]:
@@ -98,33 +96,25 @@ def quantization(fmt: str):
 def load(checkpoint: str, layers_path: str, fmt: str, placement: str, gpu: str):
     """The saved tiny model loaded with `placement`, and where its decoder layers went."""
     import torch
+    from tiny_gemma4 import load_split
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(checkpoint))
-    common = {"dtype": torch.bfloat16, "quantization_config": quantization(fmt)}
-    if not placement.startswith("auto"):
-        model = AutoModelForCausalLM.from_pretrained(
-            checkpoint,
-            device_map=split_device_map(skeleton, layers_path, gpu, placement),
-            offload_folder=tempfile.mkdtemp() if placement == "disk" else None,
-            **common,
+    if placement.startswith("auto"):
+        gpus = (0, 1) if placement == "auto-2gpu" else (0,)
+        model, _ = load_split(
+            checkpoint, quantization(fmt), ("cpu",), gpus=gpus, layers_path=layers_path
         )
         return model, layer_summary(model, layers_path)
-    total = sum(p.numel() for p in skeleton.parameters()) * 2
-    gpus = [0, 1] if placement == "auto-2gpu" else [0]
-    for fraction in AUTO_BUDGETS:
-        budget = int(total * fraction / len(gpus))
-        model = AutoModelForCausalLM.from_pretrained(
-            checkpoint,
-            device_map="auto",
-            max_memory={**dict.fromkeys(gpus, budget), "cpu": 16 * 2**30},
-            **common,
-        )
-        summary = layer_summary(model, layers_path)
-        if "cpu" in summary and any(str(g) in summary for g in gpus):
-            break
-    return model, summary
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(checkpoint))
+    model = AutoModelForCausalLM.from_pretrained(
+        checkpoint,
+        device_map=split_device_map(skeleton, layers_path, gpu, placement),
+        offload_folder=tempfile.mkdtemp() if placement == "disk" else None,
+        dtype=torch.bfloat16,
+        quantization_config=quantization(fmt),
+    )
+    return model, layer_summary(model, layers_path)
 
 
 def layer_summary(model, layers_path: str) -> str:

@@ -79,12 +79,20 @@ def load_in_4bit(config):
 # Fractions of the model's unquantized size tried as the memory budget of `load_split`: accelerate
 # reserves room for the largest layer, and quantized layers are smaller, so one fraction
 # does not split every format.
-SPLIT_BUDGETS = (0.5, 0.65, 0.8, 0.35, 0.25, 0.15)
+SPLIT_BUDGETS = (0.5, 0.65, 0.8, 0.35, 0.25, 0.15, 0.1)
 
 
-def load_split(checkpoint: str, quantization, offload_devices: tuple[str, ...], dtype=None):
-    """Load a saved tiny Gemma 4 with device_map="auto" and a budget that puts some decoder
-    layers on `offload_devices` and some not; return the model and {layer: device}."""
+def load_split(
+    checkpoint: str,
+    quantization,
+    offload_devices: tuple[str, ...],
+    dtype=None,
+    gpus: tuple[int, ...] = (0,),
+    layers_path: str = "model.layers",
+):
+    """Load a saved tiny Gemma 4 with device_map="auto" and a budget (shared by `gpus`) that
+    puts some decoder layers on `offload_devices` and some not; return the model and
+    {layer: device}."""
     import tempfile
 
     import torch
@@ -97,10 +105,11 @@ def load_split(checkpoint: str, quantization, offload_devices: tuple[str, ...], 
     on_gpu = torch.cuda.is_available()
     for fraction in SPLIT_BUDGETS:
         budget = int(size * fraction)
+        per_gpu = dict.fromkeys(gpus, budget // len(gpus))
         model = AutoModelForCausalLM.from_pretrained(
             checkpoint,
             device_map="auto",
-            max_memory={0: budget, "cpu": 2**34} if on_gpu else {"cpu": budget},
+            max_memory={**per_gpu, "cpu": 2**34} if on_gpu else {"cpu": budget},
             offload_folder=tempfile.mkdtemp(),
             quantization_config=quantization,
             dtype=dtype,
@@ -108,7 +117,7 @@ def load_split(checkpoint: str, quantization, offload_devices: tuple[str, ...], 
         placed = {
             k: str(v)
             for k, v in getattr(model, "hf_device_map", {}).items()
-            if k.startswith("model.layers.")
+            if k.startswith(layers_path + ".")
         }
         devices = {v in offload_devices for v in placed.values()}
         if devices == {True, False}:

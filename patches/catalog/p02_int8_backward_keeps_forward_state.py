@@ -33,14 +33,10 @@ class SnapshotStateForBackward(PatchTransform):
     ) -> cst.SimpleStatementLine:
         if not self.within_scope() or not m.matches(updated_node, _SAVE_STATE):
             return updated_node
-        self.count_rewrite()
-        assign = cst.ensure_type(updated_node.body[0], cst.Assign)
-        return updated_node.with_changes(
-            body=[assign.with_changes(value=cst.parse_expression("copy.copy(state)"))],
-            trailing_whitespace=self.trailing_marker(
-                "backward must see the CB/SCB forward used",
-                existing=updated_node.trailing_whitespace,
-            ),
+        return self.with_value(
+            updated_node,
+            cst.parse_expression("copy.copy(state)"),
+            "backward must see the CB/SCB forward used",
         )
 
     def leave_Module(self, original_node: cst.Module, updated_node: cst.Module) -> cst.Module:

@@ -32,7 +32,6 @@ class DefaultMissingScb(PatchTransform):
             updated_node, m.SimpleStatementLine(body=[m.Assign(value=_GETATTR_WEIGHT)])
         ):
             return updated_node
-        self.count_rewrite()
         assign = cst.ensure_type(updated_node.body[0], cst.Assign)
         call = cst.ensure_type(assign.value, cst.Call)
         first, second = call.args
@@ -42,11 +41,7 @@ class DefaultMissingScb(PatchTransform):
             comma=cst.Comma(whitespace_after=cst.SimpleWhitespace(" ")),
             whitespace_after_arg=cst.SimpleWhitespace(""),
         )
-        call = call.with_changes(args=[first, second, default])
-        return updated_node.with_changes(
-            body=[assign.with_changes(value=call)],
-            trailing_whitespace=self.trailing_marker(existing=updated_node.trailing_whitespace),
-        )
+        return self.with_value(updated_node, call.with_changes(args=[first, second, default]))
 
     def is_fixed_upstream(self, module: cst.Module) -> bool:
         return any(

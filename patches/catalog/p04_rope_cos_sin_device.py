@@ -34,16 +34,12 @@ class MoveCosSinToStates(PatchTransform):
     ) -> cst.SimpleStatementLine:
         if not self.within_scope() or not m.matches(updated_node, _UNSQUEEZE):
             return updated_node
-        self.count_rewrite()
         assign = cst.ensure_type(updated_node.body[0], cst.Assign)
         moved = cst.Call(
             func=cst.Attribute(value=assign.value, attr=cst.Name("to")),
             args=[cst.Arg(cst.parse_expression("x.device"))],
         )
-        return updated_node.with_changes(
-            body=[assign.with_changes(value=moved)],
-            trailing_whitespace=self.trailing_marker(existing=updated_node.trailing_whitespace),
-        )
+        return self.with_value(updated_node, moved)
 
 
 PATCH = Patch(

@@ -9,20 +9,19 @@ from patches.transform import PatchTransform
 
 from ._device_placement import NOT_REPRODUCED
 
-MOVE_INPUTS = """\
-if attention_mask is not None:
-    attention_mask = attention_mask.to(hidden_states.device)
-if position_ids is not None:
-    position_ids = position_ids.to(hidden_states.device)
-if position_embeddings is not None:
-    position_embeddings = tuple(t.to(hidden_states.device) for t in position_embeddings)
-"""
+MOVE_INPUTS = (
+    "if attention_mask is not None:\n"
+    "    attention_mask = attention_mask.to(hidden_states.device)\n",
+    "if position_ids is not None:\n    position_ids = position_ids.to(hidden_states.device)\n",
+    "if position_embeddings is not None:\n"
+    "    position_embeddings = tuple(t.to(hidden_states.device) for t in position_embeddings)\n",
+)
 
 
 class MoveLayerInputsToStates(PatchTransform):
     DESCRIPTION = "Move attention_mask, position_ids and position_embeddings to the layer's device."
     SCOPE = ("Gemma4TextDecoderLayer", "forward")
-    SITES = 3
+    SITES = len(MOVE_INPUTS)
 
     def leave_scope(  # type: ignore[override]
         self, original_node: cst.FunctionDef, updated_node: cst.FunctionDef
@@ -31,11 +30,10 @@ class MoveLayerInputsToStates(PatchTransform):
         if self.carries_marker(original_node) or self.rewritten:
             return updated_node
         block = cst.ensure_type(updated_node.body, cst.IndentedBlock)
-        moves = list(cst.parse_module(MOVE_INPUTS).body)
+        moves = [self.marked_statement(source) for source in MOVE_INPUTS]
         for _ in moves:
             self.count_rewrite()
-        marked = [self.marked_statement(cst.Module(body=[s]).code) for s in moves]
-        return updated_node.with_changes(body=block.with_changes(body=[*marked, *block.body]))
+        return updated_node.with_changes(body=block.with_changes(body=[*moves, *block.body]))
 
 
 PATCH = Patch(

@@ -31,13 +31,8 @@ class MoveLayerScalarToStates(PatchTransform):
     ) -> cst.SimpleStatementLine:
         if not self.within_scope() or not m.matches(updated_node, _SCALE):
             return updated_node
-        self.count_rewrite()
-        scale = cst.ensure_type(updated_node.body[0], cst.AugAssign)
         moved = cst.parse_expression("self.layer_scalar.to(hidden_states.device)")
-        return updated_node.with_changes(
-            body=[scale.with_changes(value=moved)],
-            trailing_whitespace=self.trailing_marker(existing=updated_node.trailing_whitespace),
-        )
+        return self.with_value(updated_node, moved)
 
 
 PATCH = Patch(

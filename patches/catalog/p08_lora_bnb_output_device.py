@@ -33,14 +33,8 @@ class AddOutputOnResultDevice(PatchTransform):
     ) -> cst.SimpleStatementLine:
         if self._enclosing[-1:] != ["forward"] or not m.matches(updated_node, _ADD):
             return updated_node
-        self.count_rewrite()
-        assign = cst.ensure_type(updated_node.body[0], cst.Assign)
-        return updated_node.with_changes(
-            body=[
-                assign.with_changes(value=cst.parse_expression("result + output.to(result.device)"))
-            ],
-            trailing_whitespace=self.trailing_marker(existing=updated_node.trailing_whitespace),
-        )
+        moved = cst.parse_expression("result + output.to(result.device)")
+        return self.with_value(updated_node, moved)
 
 
 PATCH = Patch(
