@@ -22,10 +22,11 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path[:0] = [str(HERE), str(ROOT)]
 
-# Patches the script relies on: text-only batches (P10) and, for MoE checkpoints, the 4-bit
-# experts (P13). P12 is not needed: LoRA targets only the language model here.
+# Patches the script relies on: text-only batches (P10), for MoE checkpoints the 4-bit experts
+# (P13), and LoRA on them (P15). P12 is not needed: LoRA targets only the language model here.
 NEEDED_ALWAYS = ("P10",)
 NEEDED_FOR_MOE = ("P13",)
+NEEDED_FOR_EXPERT_LORA = ("P15",)
 LORA_ATTENTION = r"^model\.(language_model\.)?layers\.\d+\.self_attn\.(q|k|v|o)_proj$"
 EXPERT_PARAMETERS = ["experts.gate_up_proj", "experts.down_proj"]
 
@@ -56,7 +57,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--lora-experts",
         action="store_true",
-        help="also LoRA on the experts (keeps them in BF16 under 4-bit)",
+        help="also LoRA on the MoE experts (on the packed 4-bit experts; BF16 with --no-4bit)",
     )
     parser.add_argument("--no-4bit", dest="four_bit", action="store_false", help="BF16 base")
     parser.add_argument("--save-steps", type=int, default=100)
@@ -78,11 +79,12 @@ def fail(message: str, code: int = 2) -> None:
     sys.exit(code)
 
 
-def check_patched(moe: bool) -> None:
+def check_patched(moe: bool, expert_lora: bool) -> None:
     """Refuse to start on a stack that lacks the patches this run relies on."""
     from patches.api import verify_problems
 
     needed = NEEDED_ALWAYS + (NEEDED_FOR_MOE if moe else ())
+    needed += NEEDED_FOR_EXPERT_LORA if expert_lora else ()
     problems = verify_problems(set(needed))
     if problems:
         consequence = (
@@ -121,8 +123,6 @@ def load_model(args: argparse.Namespace, device):
             bnb_4bit_use_double_quant=True,
             # FSDP shards flat tensors of one dtype: store the packed weights as BF16 there.
             bnb_4bit_quant_storage=torch.bfloat16 if fsdp else torch.uint8,
-            # peft's target_parameters needs float expert weights: keep them out of 4 bits.
-            llm_int8_skip_modules=["experts", "lm_head"] if args.lora_experts else None,
         )
     model = AutoModelForCausalLM.from_pretrained(
         args.model,
@@ -133,6 +133,22 @@ def load_model(args: argparse.Namespace, device):
     )
     model.config.use_cache = False
     return model
+
+
+def check_expert_lora_settings(args: argparse.Namespace, text_config, moe: bool) -> None:
+    """What peft's expert LoRA cannot take, refused before the model loads."""
+    if not args.lora_experts:
+        return
+    if not moe:
+        fail("--lora-experts needs a MoE checkpoint (this one has no experts)")
+    if args.lora_dropout:
+        fail(
+            f"--lora-dropout {args.lora_dropout} with --lora-experts: LoRA on expert weights "
+            "cannot apply dropout (peft's target_parameters); use --lora-dropout 0"
+        )
+    largest = min(text_config.hidden_size, text_config.moe_intermediate_size)
+    if not 0 < args.lora_r <= largest:
+        fail(f"--lora-r {args.lora_r} with --lora-experts: one expert's rank is {largest}")
 
 
 def freeze_towers(model) -> int:
@@ -175,7 +191,10 @@ def add_lora(model, args: argparse.Namespace):
         task_type="CAUSAL_LM",
         **extra,
     )
-    model = get_peft_model(model, config)
+    try:
+        model = get_peft_model(model, config)
+    except ValueError as exc:  # e.g. P15 refusing a setting the packed experts cannot take
+        fail(" ".join(str(exc).split()))
     wrapped = {n.rsplit(".lora_A", 1)[0] for n, _ in model.named_modules() if ".lora_A" in n}
     leaked = [n for n in wrapped if "vision" in n or "audio" in n]
     if leaked or not wrapped:
@@ -216,7 +235,9 @@ def main(argv: list[str] | None = None) -> int:
     from transformers.trainer_callback import PrinterCallback
 
     config = AutoConfig.from_pretrained(args.model)
-    moe = bool(getattr(config.get_text_config(), "enable_moe_block", False))
+    text_config = config.get_text_config()
+    moe = bool(getattr(text_config, "enable_moe_block", False))
+    check_expert_lora_settings(args, text_config, moe)
     if moe and args.four_bit and using_fsdp():
         fail(
             "FSDP with 4-bit experts is not supported: FSDP2 shards P13's packed expert "
@@ -225,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
             "~13 GiB 4-bit model), or FSDP2 with --no-4bit."
         )
     if not args.skip_patch_check:
-        check_patched(moe)
+        check_patched(moe, expert_lora=moe and args.four_bit and args.lora_experts)
     cuda = torch.cuda.is_available()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = f"cuda:{local_rank}" if cuda else "cpu"
@@ -236,12 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     rows, tokenized = build_dataset(args, tokenizer)
     model = load_model(args, device)
     packed, experts = experts_in_4bit(model)
-    if args.four_bit and args.lora_experts and moe and is_main_process():
-        print(
-            "note: --lora-experts keeps the experts in BF16 (26B-A4B: ~44 GB): LoRA directly on "
-            "P13's 4-bit experts is not supported yet (peft parametrizes float weights only)"
-        )
-    elif args.four_bit and packed < experts and not args.skip_patch_check:
+    if args.four_bit and packed < experts and not args.skip_patch_check:
         fail(f"only {packed} of {experts} expert layers were quantized to 4 bits (P13)")
     frozen = freeze_towers(model)
     layers = enable_checkpointing(model)

@@ -126,13 +126,60 @@ def test_refuses_an_unpatched_stack(tmp_path: Path) -> None:
     assert "Traceback" not in result.stderr
 
 
-def test_lora_on_experts_keeps_them_in_bf16(oldest: Path, tmp_path: Path) -> None:
-    result = train(oldest, tmp_path / "run", "--max-steps", "2", "--lora-experts")
+EXPERTS_CHANGED = """
+import sys, torch
+from safetensors.torch import load_file
+halfway, final = (
+    {k: v for k, v in load_file(path + "/adapter_model.safetensors").items() if ".experts." in k}
+    for path in sys.argv[1:3]
+)
+assert halfway.keys() == final.keys(), (halfway.keys(), final.keys())
+for name, tensor in final.items():
+    assert not torch.equal(tensor, halfway[name]), name + " did not change"
+    assert tensor.abs().sum() > 0, name
+print("expert tensors changed:", len(final))
+"""
+
+
+def test_lora_on_the_packed_experts_learns_and_reloads(oldest: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    result = train(oldest, out, "--max-steps", "12", "--save-steps", "6", "--lora-experts")
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "note: --lora-experts keeps the experts in BF16" in result.stdout
-    # The rest stays NF4; LoRA on 8 attention modules + 2 layers x 2 expert tensors.
-    assert "4-bit NF4, experts 4-bit in 0/2 layers" in result.stdout
+    # The experts stay packed; LoRA on 8 attention modules + 2 layers x 2 expert tensors.
+    assert "4-bit NF4, experts 4-bit in 2/2 layers" in result.stdout
     assert "LoRA on 12 modules" in result.stdout
+    losses = [r["loss"] for r in logged(out) if "loss" in r]
+    assert len(losses) == 12 and losses[-1] < losses[0] - 0.3, losses
+    changed = subprocess.run(
+        [str(oldest), "-c", EXPERTS_CHANGED, str(out / "checkpoint-6"), str(out)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert changed.returncode == 0, changed.stderr[-3000:]
+    assert "expert tensors changed: 8" in changed.stdout  # A and B of 2 tensors in 2 layers
+    reload = subprocess.run(
+        [str(oldest), "-c", RELOAD, str(out)], capture_output=True, text=True, check=False
+    )
+    assert reload.returncode == 0, reload.stderr[-3000:]
+    assert "reloaded 12" in reload.stdout
+
+
+@pytest.mark.parametrize(
+    ("option", "words"),
+    [
+        (("--lora-dropout", "0.1"), "cannot apply dropout"),
+        (("--lora-r", "100000"), "one expert's rank is"),
+    ],
+)
+def test_bad_expert_lora_settings_stop_before_loading(oldest: Path, tmp_path: Path, option, words):
+    result = train(oldest, tmp_path / "run", "--max-steps", "1", "--lora-experts", *option)
+    assert result.returncode == 2
+    # (--tiny's model building shows progress on stderr before the check.)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and words in errors[0], result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "run" / "log.jsonl").exists()
 
 
 def test_newest_stack(tmp_path: Path) -> None:
@@ -161,7 +208,8 @@ def test_accumulation_and_ranks_give_the_same_step(oldest: Path, tmp_path: Path)
     one_batch = tmp_path / "one"
     accumulated = tmp_path / "accumulated"
     two_ranks = tmp_path / "ranks"
-    base = ("--tiny", "--max-steps", "1", "--lr", "0")
+    # LoRA on the packed experts too: DDP runs their low-rank path like any other parameter.
+    base = ("--tiny", "--max-steps", "1", "--lr", "0", "--lora-experts")
     for out, shape in ((one_batch, ("8", "1")), (accumulated, ("1", "8"))):
         result = subprocess.run(
             [

@@ -1,6 +1,8 @@
 """Run tests/torch (the tests that need torch and bitsandbytes) inside the real stack venvs,
-with a copy of the stack's transformers patched by P13 first on the path, and tests/triton
-(the fused 4-bit kernels) in Triton's CPU interpreter."""
+with copies of the stack's transformers patched by P13 and peft patched by P15 first on the
+path (the stack's own, unpatched packages stay reachable for tests that compare with stock
+behaviour in a subprocess), and tests/triton (the fused 4-bit kernels) in Triton's CPU
+interpreter."""
 
 from __future__ import annotations
 
@@ -22,13 +24,18 @@ ROOT = Path(__file__).resolve().parent.parent
 TRITON = "triton==3.9.0"
 
 
-def patched_transformers(python: Path, dest: Path) -> Path:
-    """A P13-patched copy of the stack's transformers, built the way --validate builds one."""
-    p13 = next(p for p in load_patches() if p.id == "P13")
-    env = locate({"transformers"}, python=str(python))
+OVERLAY_PATCHES = ("P13", "P15")  # 4-bit experts, LoRA on them
+
+
+def patched_overlay(python: Path, dest: Path) -> Path:
+    """Copies of the stack's packages that OVERLAY_PATCHES target, patched, built the way
+    --validate builds its copies."""
+    chosen = [p for p in load_patches() if p.id in OVERLAY_PATCHES]
+    env = locate({p.package for p in chosen}, python=str(python))
     store = StateStore(env.site_packages, env.state_dir)
-    unpatched_copy(p13, env, store.load(__version__), store, dest)
-    assert apply_to_copy(p13, dest) is None
+    for patch in chosen:
+        unpatched_copy(patch, env, store.load(__version__), store, dest)
+        assert apply_to_copy(patch, dest) is None
     return dest
 
 
@@ -65,7 +72,7 @@ EXTRAS = {"oldest": ("pytest",), "newest": ("pytest", TRITON)}
 @pytest.mark.parametrize("stack", ["oldest", "newest"])
 def test_torch_suite(stack: str, tmp_path: Path) -> None:
     python = stack_python(stack, extra=EXTRAS[stack])
-    overlay = patched_transformers(python, tmp_path / "overlay")
+    overlay = patched_overlay(python, tmp_path / "overlay")
     paths = [str(overlay), str(ROOT), str(ROOT / "validation")]
     run_pytest(python, ROOT / "tests" / "torch", paths)
 

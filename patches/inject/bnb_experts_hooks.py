@@ -9,17 +9,24 @@ transformers/integrations/bitsandbytes.py, and calls the hooks from the 4-bit qu
 - `stackpatch_experts_needs_quantization` makes `param_needs_quantization` say yes for those
   parameters, so transformers' own Bnb4bitQuantize quantizes each one as it is loaded and
   the BF16 tensor never stays on the GPU longer than one parameter;
-- `bnb_4bit_experts_forward` is registered in transformers' ExpertsInterface.
+- `bnb_4bit_experts_forward` is registered in transformers' ExpertsInterface; it runs the
+  LoRA adapters that peft's ParamWrapper (patched by P15) hands over through
+  `stackpatch_expert_lora` beside the packed weights.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator, Sequence
+
 import torch
 
-from patches.inject.experts_4bit import PackedExperts, experts_4bit_forward
+from patches.inject.experts_4bit import ExpertLoRA, PackedExperts, experts_4bit_forward
 
 STACKPATCH_EXPERT_PARAMS = ("gate_up_proj", "down_proj")
 STACKPATCH_EXPERTS_IMPLEMENTATION = "bnb_4bit"
+# {fused parameter name: LoRA adapters} of the forward in progress, set by P15's ParamWrapper.
+STACKPATCH_EXPERT_LORA = "_stackpatch_expert_lora"
 
 
 def stackpatch_is_experts_module(module: torch.nn.Module) -> bool:
@@ -110,6 +117,21 @@ def stackpatch_experts_block_saving(quantizer) -> bool:
     return True
 
 
+@contextlib.contextmanager
+def stackpatch_expert_lora(
+    experts: torch.nn.Module, parameter_name: str, adapters: Sequence[ExpertLoRA]
+) -> Iterator[None]:
+    """Inside the block, the packed experts' forward adds these adapters' low-rank path to
+    the fused weight `parameter_name`. Nested ParamWrappers (one per targeted weight) each
+    open their own block around the same experts module."""
+    active = experts.__dict__.setdefault(STACKPATCH_EXPERT_LORA, {})
+    active[parameter_name] = tuple(adapters)
+    try:
+        yield
+    finally:
+        del active[parameter_name]
+
+
 def bnb_4bit_experts_forward(
     self: torch.nn.Module,
     hidden_states: torch.Tensor,
@@ -122,6 +144,7 @@ def bnb_4bit_experts_forward(
         from transformers.integrations.moe import grouped_mm_experts_forward
 
         return grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
+    lora = self.__dict__.get(STACKPATCH_EXPERT_LORA, {})
     return experts_4bit_forward(
         PackedExperts(gate_up.data, gate_up.quant_state),
         PackedExperts(down.data, down.quant_state),
@@ -129,6 +152,8 @@ def bnb_4bit_experts_forward(
         hidden_states,
         top_k_index,
         top_k_weights,
+        gate_up_lora=lora.get("gate_up_proj", ()),
+        down_lora=lora.get("down_proj", ()),
     )
 
 

@@ -14,6 +14,11 @@ backward dequantizes each chunk again. The extra memory a layer needs is one chu
 weights (`chunk_bytes`, 256 MiB by default) instead of the whole layer (1.5 GB at 26B-A4B
 size), at the cost of one more dequantization per chunk in backward.
 
+LoRA on the experts (peft `target_parameters`, made to work on packed experts by P15) never
+touches the packed weights: each adapter's per-expert factors run beside the 4-bit GEMM as
+two low-rank grouped GEMMs over the same routed rows, y_e = W4_e x + s B_e (A_e x), so no
+(E, out, in) delta and no float copy of a weight is ever made.
+
 This module is imported by tests and benchmarks as is; the stackpatch transform that
 installs it into transformers parses this file and inserts its definitions.
 """
@@ -21,6 +26,7 @@ installs it into transformers parses this file and inserts its definitions.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -208,6 +214,61 @@ def grouped_linear_4bit(
     return GroupedLinear4bit.apply(x, offsets, packed, per_chunk, kernel)
 
 
+@dataclass(frozen=True)
+class ExpertLoRA:
+    """One LoRA adapter on a fused (E, out, in) expert weight, in peft's ParamWrapper layout.
+
+    peft keeps one nn.Linear pair for all experts: `lora_A` (r*E, in) is expert-major (rows
+    e*r .. e*r+r-1 belong to expert e) and `lora_B` (out, r*E) is rank-major (column k*E + e is
+    rank k of expert e), so expert e's update is scaling * B.view(out, r, E)[:, :, e] @
+    A.view(E, r, in)[e]. Reading B expert-major instead would train an adapter that means
+    something else in stock peft."""
+
+    lora_A: torch.Tensor
+    lora_B: torch.Tensor
+    scaling: float
+
+
+def _rank_padded(factor: torch.Tensor, dim: int, rank: int) -> torch.Tensor:
+    """`factor` with its rank dimension `dim` zero-padded so a row of a grouped GEMM operand
+    spans a multiple of 16 bytes, which torch's grouped_mm requires (bf16: rank 8, 16, ...)."""
+    per_row = 16 // factor.element_size()
+    missing = -rank % per_row
+    if not missing:
+        return factor
+    pad = [0, 0] * (factor.dim() - 1 - dim) + [0, missing]
+    return torch.nn.functional.pad(factor, pad)
+
+
+def expert_lora_delta(
+    x: torch.Tensor, offsets: torch.Tensor, adapters: Sequence[ExpertLoRA], num_experts: int
+) -> torch.Tensor | None:
+    """sum over adapters of scaling * (x_e @ A_e^T) @ B_e^T for the rows routed to each expert,
+    as two grouped GEMMs of rank r; differentiable in x, A and B."""
+    total = None
+    for adapter in adapters:
+        rank = adapter.lora_A.shape[0] // num_experts
+        # (E, in, r) and (E, r, out): expert e's A_e^T and B_e^T, in x's dtype.
+        down = adapter.lora_A.to(x.dtype).view(num_experts, rank, -1).transpose(1, 2)
+        up = adapter.lora_B.to(x.dtype).view(-1, rank, num_experts).permute(2, 1, 0)
+        down = _rank_padded(down, 2, rank).contiguous()
+        up = _rank_padded(up, 1, rank).contiguous()
+        delta = _grouped_mm(_grouped_mm(x, down, offsets), up, offsets) * adapter.scaling
+        total = delta if total is None else total + delta
+    return total
+
+
+def _with_lora(
+    base: torch.Tensor,
+    x: torch.Tensor,
+    offsets: torch.Tensor,
+    adapters: Sequence[ExpertLoRA],
+    num_experts: int,
+) -> torch.Tensor:
+    delta = expert_lora_delta(x, offsets, adapters, num_experts)
+    return base if delta is None else base + delta.to(base.dtype)
+
+
 def route(top_k_index: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Sort (token, k) pairs by expert: the permutation and the int32 end offset of each expert."""
     expert_ids = top_k_index.reshape(-1)
@@ -225,14 +286,22 @@ def experts_4bit_forward(
     top_k_weights: torch.Tensor,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     kernel: str = DEFAULT_KERNEL,
+    gate_up_lora: Sequence[ExpertLoRA] = (),
+    down_lora: Sequence[ExpertLoRA] = (),
 ) -> torch.Tensor:
-    """The MoE experts computation of Gemma4TextExperts with 4-bit weights."""
+    """The MoE experts computation of Gemma4TextExperts with 4-bit weights, plus the LoRA
+    adapters on either fused weight (added before the gate, and before the routing weights,
+    as peft's W + delta W would be)."""
     num_tokens, hidden_dim = hidden_states.shape
     top_k = top_k_index.shape[-1]
-    perm, offsets = route(top_k_index, gate_up.num_experts)
+    num_experts = gate_up.num_experts
+    perm, offsets = route(top_k_index, num_experts)
     routed = hidden_states[perm // top_k]
     gate_up_out = grouped_linear_4bit(routed, offsets, gate_up, chunk_bytes, kernel)
-    down_out = grouped_linear_4bit(apply_gate(gate_up_out), offsets, down, chunk_bytes, kernel)
+    gate_up_out = _with_lora(gate_up_out, routed, offsets, gate_up_lora, num_experts)
+    gated = apply_gate(gate_up_out)
+    down_out = grouped_linear_4bit(gated, offsets, down, chunk_bytes, kernel)
+    down_out = _with_lora(down_out, gated, offsets, down_lora, num_experts)
     weighted = down_out * top_k_weights.reshape(-1)[perm].unsqueeze(-1).to(down_out.dtype)
     combined = torch.zeros(
         (num_tokens * top_k, hidden_dim), dtype=weighted.dtype, device=weighted.device
