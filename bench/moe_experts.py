@@ -10,6 +10,13 @@ Variants, all in one run on one GPU:
                    re-dequantized in backward
   nf4-fused-ours   the same packed weights through the fused Triton 4-bit grouped GEMM of
                    patches/inject/experts_4bit_triton.py (what P13 runs on a GPU)
+  nf4-fused-ours+lora<r>
+                   the fused path with LoRA rank r on both fused weights, run as P15 runs it:
+                   two low-rank grouped GEMMs per weight beside the 4-bit kernel (trainable
+                   float32 A and B, gradients for them too)
+  bf16-grouped+peft-lora<r>
+                   bf16-grouped wrapped by stock peft's ParamWrapper (target_parameters) with
+                   the same A and B: it folds B_e A_e into the whole weight on every forward
 
 For each token count: median ms over timed repeats (CUDA events), ratio to bf16-grouped,
 extra peak memory over the resident weights, and the output's cosine similarity to
@@ -36,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from gpu_timing import fused_kernel_configs, median_ms
 
-from patches.inject.experts_4bit import experts_4bit_forward, pack_experts
+from patches.inject.experts_4bit import ExpertLoRA, experts_4bit_forward, pack_experts
 from patches.inject.experts_4bit_triton import fused_4bit_available
 
 EXPERTS, HIDDEN, INTERMEDIATE, TOP_K = 128, 2816, 704, 8
@@ -101,6 +108,42 @@ def linear4bit_forward(reference) -> Callable:
     return forward
 
 
+def peft_wrapped(experts, rank: int):
+    """`experts` under stock peft ParamWrappers on both fused weights, A and B random (B is not
+    left at zero: both variants must compute a real update)."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    holder = torch.nn.Module()
+    holder.experts = experts
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=rank,
+        target_modules=[],
+        target_parameters=["experts.gate_up_proj", "experts.down_proj"],
+        init_lora_weights=False,
+    )
+    inject_adapter_in_model(config, holder)
+    for name, parameter in holder.named_parameters():
+        if "lora_" in name:
+            parameter.data = (parameter.data.float() * 0.1).contiguous()
+            parameter.requires_grad_(True)
+    return holder.experts
+
+
+def adapters_of(wrapped) -> dict[str, ExpertLoRA]:
+    """The peft wrappers' A and B (the same tensors), in the form P15 hands to P13."""
+    found = {}
+    module = wrapped
+    while hasattr(module, "parameter_name"):
+        found[module.parameter_name] = ExpertLoRA(
+            module.lora_A["default"].weight,
+            module.lora_B["default"].weight,
+            module.scaling["default"],
+        )
+        module = module.base_layer
+    return found
+
+
 def time_fwd_bwd(
     fn: Callable, x: torch.Tensor, idx, weights, repeats: int
 ) -> tuple[float, int, torch.Tensor]:
@@ -123,6 +166,29 @@ def time_fwd_bwd(
     return median_ms(step, repeats, warmup=0), extra, out.detach()
 
 
+def lora_summary(rows: list[dict], rank: int) -> list[str]:
+    """Expert LoRA against its two references, per token count: time over the fused path
+    without LoRA, extra peak over it, and time over stock peft on BF16 experts."""
+    if not rank:
+        return []
+    by = {(r["tokens"], r["variant"]): r for r in rows}
+    lines = ["", f"Expert LoRA r{rank} (targets at 2,048 tokens: <= 1.25x, <= 0.25 GiB, < 1x):", ""]
+    lines += [
+        "| tokens | × nf4-fused-ours | extra peak over it GiB | × bf16-grouped+peft |",
+        "| --- | --- | --- | --- |",
+    ]
+    for tokens in sorted({r["tokens"] for r in rows}):
+        ours = by[(tokens, f"nf4-fused-ours+lora{rank}")]
+        fused = by[(tokens, "nf4-fused-ours")]
+        peft = by[(tokens, f"bf16-grouped+peft-lora{rank}")]
+        lines.append(
+            f"| {tokens} | {ours['median_ms'] / fused['median_ms']:.3f} | "
+            f"{ours['extra_peak_gib'] - fused['extra_peak_gib']:.3f} | "
+            f"{ours['median_ms'] / peft['median_ms']:.3f} |"
+        )
+    return lines
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, nargs="+", default=[512, 2048, 8192])
@@ -135,6 +201,7 @@ def main() -> int:
         default=[256],
         help="dequantization chunk budgets to compare for nf4-dequant-ours (MiB of BF16 weights)",
     )
+    parser.add_argument("--lora-rank", type=int, default=16, help="0: no LoRA variants")
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     args = parser.parse_args()
 
@@ -148,11 +215,24 @@ def main() -> int:
         pack_experts(grouped.down_proj.data),
     )
 
-    def ours(kernel: str, chunk_mb: int = 256) -> Callable:
+    def ours(kernel: str, chunk_mb: int = 256, lora: dict | None = None) -> Callable:
+        lora = lora or {}
+
         def forward(x, idx, w):
             chunk = chunk_mb * 2**20
             gate = grouped._apply_gate
-            return experts_4bit_forward(packed_gate_up, packed_down, gate, x, idx, w, chunk, kernel)
+            return experts_4bit_forward(
+                packed_gate_up,
+                packed_down,
+                gate,
+                x,
+                idx,
+                w,
+                chunk,
+                kernel,
+                gate_up_lora=lora.get("gate_up_proj", ()),
+                down_lora=lora.get("down_proj", ()),
+            )
 
         return forward
 
@@ -164,6 +244,12 @@ def main() -> int:
     for chunk_mb in args.chunk_mb:
         variants[f"nf4-dequant-ours-{chunk_mb}MiB"] = ours("dequantize", chunk_mb)
     variants["nf4-fused-ours"] = ours("auto")
+    if args.lora_rank:
+        peft_experts = peft_wrapped(make_experts("grouped_mm"), args.lora_rank)
+        variants[f"bf16-grouped+peft-lora{args.lora_rank}"] = peft_experts
+        variants[f"nf4-fused-ours+lora{args.lora_rank}"] = ours(
+            "auto", lora=adapters_of(peft_experts)
+        )
     if "nf4-linear4bit" not in args.skip:
         variants["nf4-linear4bit"] = linear4bit_forward(grouped)
     for name in args.skip:
@@ -246,6 +332,7 @@ def main() -> int:
             f"{row['ratio_to_bf16_grouped']} | {row['extra_peak_gib']} | "
             f"{row['cosine_to_bf16_grouped']} |"
         )
+    lines += lora_summary(rows, args.lora_rank)
     (args.out / "moe_experts.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     print("fused kernel tile configs chosen by the autotuner:", meta["fused_kernel_configs"])
