@@ -144,6 +144,33 @@ def adapters_of(wrapped) -> dict[str, ExpertLoRA]:
     return found
 
 
+def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    return torch.nn.functional.cosine_similarity(
+        a.float().flatten(), b.float().flatten(), dim=0
+    ).item()
+
+
+def lora_paths_agree(
+    fused: Callable, dequantize: Callable, lora: dict[str, ExpertLoRA], x, idx, weights
+) -> dict[str, float]:
+    """One forward + backward through each path on the same packed weights and adapters: the
+    cosine of their outputs and of the gradients of x and of every A and B."""
+    grad = torch.randn_like(x)
+    factors = [t for adapter in lora.values() for t in (adapter.lora_A, adapter.lora_B)]
+    seen = []
+    for fn in (fused, dequantize):
+        x.grad = None
+        for t in factors:
+            t.grad = None
+        out = fn(x, idx, weights)
+        out.backward(grad)
+        seen.append([out.detach(), x.grad.clone(), *(t.grad.clone() for t in factors)])
+    names = ["output", "grad_x"] + [
+        f"grad_{name}.{ab}" for name in lora for ab in ("lora_A", "lora_B")
+    ]
+    return {n: round(cosine(a, b), 6) for n, a, b in zip(names, *seen, strict=True)}
+
+
 def time_fwd_bwd(
     fn: Callable, x: torch.Tensor, idx, weights, repeats: int
 ) -> tuple[float, int, torch.Tensor]:
@@ -259,7 +286,7 @@ def main() -> int:
         "nf4-packed": packed_gate_up.nbytes() + packed_down.nbytes(),
     }
 
-    rows, agreement = [], {}
+    rows, agreement, lora_agreement = [], {}, {}
     for tokens in args.tokens:
         torch.manual_seed(tokens)
         x = torch.randn(tokens, HIDDEN, device="cuda", dtype=torch.bfloat16, requires_grad=True)
@@ -273,13 +300,13 @@ def main() -> int:
         base_ms, _, base_out = results["bf16-grouped"]
         fused_out = results["nf4-fused-ours"][2]
         dequant_out = ours("dequantize")(x, idx, weights).detach()
-        agreement[tokens] = torch.nn.functional.cosine_similarity(
-            fused_out.float().flatten(), dequant_out.float().flatten(), dim=0
-        ).item()
+        agreement[tokens] = cosine(fused_out, dequant_out)
+        if args.lora_rank:
+            lora = adapters_of(peft_experts)
+            lora_agreement[tokens] = lora_paths_agree(
+                ours("auto", lora=lora), ours("dequantize", lora=lora), lora, x, idx, weights
+            )
         for name, (ms, extra, out) in results.items():
-            cosine = torch.nn.functional.cosine_similarity(
-                out.float().flatten(), base_out.float().flatten(), dim=0
-            ).item()
             rows.append(
                 {
                     "tokens": tokens,
@@ -287,7 +314,7 @@ def main() -> int:
                     "median_ms": round(ms, 3),
                     "ratio_to_bf16_grouped": round(ms / base_ms, 3),
                     "extra_peak_gib": round(extra / 2**30, 3),
-                    "cosine_to_bf16_grouped": round(cosine, 4),
+                    "cosine_to_bf16_grouped": round(cosine(out, base_out), 4),
                 }
             )
 
@@ -307,6 +334,7 @@ def main() -> int:
         "resident_weights_gib": {k: round(v / 2**30, 3) for k, v in resident.items()},
         "repeats": args.repeats,
         "fused_vs_dequantize_cosine": {t: round(c, 6) for t, c in agreement.items()},
+        "lora_fused_vs_dequantize_cosine": lora_agreement,
         "fused_kernel_configs": fused_kernel_configs(),
     }
     args.out.mkdir(parents=True, exist_ok=True)
@@ -336,8 +364,11 @@ def main() -> int:
     (args.out / "moe_experts.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     print("fused kernel tile configs chosen by the autotuner:", meta["fused_kernel_configs"])
+    if lora_agreement:
+        print("expert LoRA, fused vs dequantize path (output, grads):", lora_agreement)
     # Same packed weights, so the two paths differ only by bf16 rounding and summation order.
-    return 0 if min(agreement.values()) > 0.9999 else 1
+    lora_ok = all(c > 0.999 for checks in lora_agreement.values() for c in checks.values())
+    return 0 if min(agreement.values()) > 0.9999 and lora_ok else 1
 
 
 if __name__ == "__main__":
