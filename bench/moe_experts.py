@@ -257,8 +257,8 @@ def main() -> int:
                 w,
                 chunk,
                 kernel,
-                gate_up_lora=lora.get("gate_up_proj", ()),
-                down_lora=lora.get("down_proj", ()),
+                gate_up_lora=[lora["gate_up_proj"]] if "gate_up_proj" in lora else (),
+                down_lora=[lora["down_proj"]] if "down_proj" in lora else (),
             )
 
         return forward
