@@ -10,10 +10,11 @@ Variants, all in one run on one GPU:
                    re-dequantized in backward
   nf4-fused-ours   the same packed weights through the fused Triton 4-bit grouped GEMM of
                    patches/inject/experts_4bit_triton.py (what P13 runs on a GPU)
-  nf4-fused-ours+lora<r>
+  nf4-fused-ours+lora<r>[-dense]
                    the fused path with LoRA rank r on both fused weights, run as P15 runs it:
                    two low-rank grouped GEMMs per weight beside the 4-bit kernel (trainable
-                   float32 A and B, gradients for them too)
+                   float32 A and B, gradients for them too); -dense: gate_up's A as one dense
+                   GEMM on the tokens, gathered per routed row
   bf16-grouped+peft-lora<r>
                    bf16-grouped wrapped by stock peft's ParamWrapper (target_parameters) with
                    the same A and B: it folds B_e A_e into the whole weight on every forward
@@ -171,6 +172,25 @@ def lora_paths_agree(
     return {n: round(cosine(a, b), 6) for n, a, b in zip(names, *seen, strict=True)}
 
 
+def profile_variants(variants: dict[str, Callable], tokens: int, out: Path) -> None:
+    """One forward + backward of each variant under torch.profiler: its kernel table."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.manual_seed(1)
+    x = torch.randn(tokens, HIDDEN, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    weights, idx = torch.topk(torch.randn(tokens, EXPERTS, device="cuda").softmax(-1), TOP_K)
+    weights = weights.to(torch.bfloat16)
+    grad = torch.randn_like(x)
+    for name, fn in variants.items():
+        fn(x, idx, weights).backward(grad)  # warm
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            fn(x, idx, weights).backward(grad)
+            torch.cuda.synchronize()
+        table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30)
+        (out / f"moe_experts-profile-{name}-{tokens}.txt").write_text(table)
+
+
 def time_fwd_bwd(
     fn: Callable, x: torch.Tensor, idx, weights, repeats: int
 ) -> tuple[float, int, torch.Tensor]:
@@ -201,18 +221,19 @@ def lora_summary(rows: list[dict], rank: int) -> list[str]:
     by = {(r["tokens"], r["variant"]): r for r in rows}
     lines = ["", f"Expert LoRA r{rank} (targets at 2,048 tokens: <= 1.25x, <= 0.25 GiB, < 1x):", ""]
     lines += [
-        "| tokens | × nf4-fused-ours | extra peak over it GiB | × bf16-grouped+peft |",
-        "| --- | --- | --- | --- |",
+        "| tokens | variant | × nf4-fused-ours | extra peak over it GiB | × bf16-grouped+peft |",
+        "| --- | --- | --- | --- | --- |",
     ]
-    for tokens in sorted({r["tokens"] for r in rows}):
-        ours = by[(tokens, f"nf4-fused-ours+lora{rank}")]
-        fused = by[(tokens, "nf4-fused-ours")]
-        peft = by[(tokens, f"bf16-grouped+peft-lora{rank}")]
-        lines.append(
-            f"| {tokens} | {ours['median_ms'] / fused['median_ms']:.3f} | "
-            f"{ours['extra_peak_gib'] - fused['extra_peak_gib']:.3f} | "
-            f"{ours['median_ms'] / peft['median_ms']:.3f} |"
-        )
+    for suffix in ("", "-dense"):
+        for tokens in sorted({r["tokens"] for r in rows}):
+            ours = by[(tokens, f"nf4-fused-ours+lora{rank}{suffix}")]
+            fused = by[(tokens, "nf4-fused-ours")]
+            peft = by[(tokens, f"bf16-grouped+peft-lora{rank}")]
+            lines.append(
+                f"| {tokens} | {ours['variant']} | {ours['median_ms'] / fused['median_ms']:.3f} | "
+                f"{ours['extra_peak_gib'] - fused['extra_peak_gib']:.3f} | "
+                f"{ours['median_ms'] / peft['median_ms']:.3f} |"
+            )
     return lines
 
 
@@ -229,6 +250,12 @@ def main() -> int:
         help="dequantization chunk budgets to compare for nf4-dequant-ours (MiB of BF16 weights)",
     )
     parser.add_argument("--lora-rank", type=int, default=16, help="0: no LoRA variants")
+    parser.add_argument(
+        "--profile-tokens",
+        type=int,
+        default=0,
+        help="also write torch.profiler kernel tables of the fused variants at this size",
+    )
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     args = parser.parse_args()
 
@@ -242,7 +269,9 @@ def main() -> int:
         pack_experts(grouped.down_proj.data),
     )
 
-    def ours(kernel: str, chunk_mb: int = 256, lora: dict | None = None) -> Callable:
+    def ours(
+        kernel: str, chunk_mb: int = 256, lora: dict | None = None, first: str = "grouped"
+    ) -> Callable:
         lora = lora or {}
 
         def forward(x, idx, w):
@@ -259,6 +288,7 @@ def main() -> int:
                 kernel,
                 gate_up_lora=[lora["gate_up_proj"]] if "gate_up_proj" in lora else (),
                 down_lora=[lora["down_proj"]] if "down_proj" in lora else (),
+                lora_first_projection=first,
             )
 
         return forward
@@ -274,9 +304,10 @@ def main() -> int:
     if args.lora_rank:
         peft_experts = peft_wrapped(make_experts("grouped_mm"), args.lora_rank)
         variants[f"bf16-grouped+peft-lora{args.lora_rank}"] = peft_experts
-        variants[f"nf4-fused-ours+lora{args.lora_rank}"] = ours(
-            "auto", lora=adapters_of(peft_experts)
-        )
+        for first, suffix in (("grouped", ""), ("dense", "-dense")):
+            variants[f"nf4-fused-ours+lora{args.lora_rank}{suffix}"] = ours(
+                "auto", lora=adapters_of(peft_experts), first=first
+            )
     if "nf4-linear4bit" not in args.skip:
         variants["nf4-linear4bit"] = linear4bit_forward(grouped)
     for name in args.skip:
@@ -364,6 +395,9 @@ def main() -> int:
     (args.out / "moe_experts.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     print("fused kernel tile configs chosen by the autotuner:", meta["fused_kernel_configs"])
+    if args.profile_tokens:
+        fused = {n: fn for n, fn in variants.items() if n.startswith("nf4-fused-ours")}
+        profile_variants(fused, args.profile_tokens, args.out)
     if lora_agreement:
         print("expert LoRA, fused vs dequantize path (output, grads):", lora_agreement)
     # Same packed weights, so the two paths differ only by bf16 rounding and summation order.

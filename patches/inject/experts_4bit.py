@@ -38,6 +38,11 @@ DEFAULT_CHUNK_BYTES = int(os.environ.get("STACKPATCH_EXPERTS_CHUNK_MB", "256")) 
 # "dequantize": always the latter (for comparison, or if the fused kernel misbehaves).
 DEFAULT_KERNEL = os.environ.get("STACKPATCH_EXPERTS_KERNEL", "auto")
 EXPERTS_KERNELS = ("auto", "dequantize")
+# How expert LoRA's first product on gate_up (whose routed rows are copies of token rows)
+# runs: "dense" projects the tokens through every expert's A in one GEMM and gathers,
+# "grouped" runs a rank-r grouped GEMM over the routed rows.
+DEFAULT_LORA_FIRST_PROJECTION = os.environ.get("STACKPATCH_EXPERT_LORA_FIRST", "grouped")
+LORA_FIRST_PROJECTIONS = ("dense", "grouped")
 
 
 @dataclass
@@ -240,20 +245,54 @@ def _rank_padded(factor: torch.Tensor, dim: int, rank: int) -> torch.Tensor:
     return torch.nn.functional.pad(factor, pad)
 
 
+@dataclass(frozen=True)
+class TokenRows:
+    """What routed rows are copies of: row i is `hidden[token[i]]`, routed to `expert[i]`."""
+
+    hidden: torch.Tensor
+    token: torch.Tensor
+    expert: torch.Tensor
+
+
+def _lora_hidden(
+    adapter: ExpertLoRA,
+    rank: int,
+    num_experts: int,
+    x: torch.Tensor,
+    offsets: torch.Tensor,
+    tokens: TokenRows | None,
+) -> torch.Tensor:
+    """x_e @ A_e^T for every routed row, its rank dimension padded as `_rank_padded` pads.
+
+    With `tokens`, one dense GEMM projects each token through every expert's A (top-k / E of
+    that work is used) and the routed rows' entries are gathered: tensor-core-shaped work on
+    the tokens instead of a rank-r grouped GEMM over k times as many routed rows."""
+    if tokens is None:
+        down = adapter.lora_A.to(x.dtype).view(num_experts, rank, -1).transpose(1, 2)
+        return _grouped_mm(x, _rank_padded(down, 2, rank).contiguous(), offsets)
+    every = tokens.hidden @ adapter.lora_A.to(tokens.hidden.dtype).t()  # (tokens, E * r)
+    rows = every.view(-1, num_experts, rank)[tokens.token, tokens.expert]
+    return _rank_padded(rows, 1, rank)
+
+
 def expert_lora_delta(
-    x: torch.Tensor, offsets: torch.Tensor, adapters: Sequence[ExpertLoRA], num_experts: int
+    x: torch.Tensor,
+    offsets: torch.Tensor,
+    adapters: Sequence[ExpertLoRA],
+    num_experts: int,
+    tokens: TokenRows | None = None,
 ) -> torch.Tensor | None:
-    """sum over adapters of scaling * (x_e @ A_e^T) @ B_e^T for the rows routed to each expert,
-    as two grouped GEMMs of rank r; differentiable in x, A and B."""
+    """sum over adapters of scaling * (x_e @ A_e^T) @ B_e^T for the rows routed to each expert;
+    the second product is a rank-r grouped GEMM, the first one too unless `tokens` says what
+    the rows are copies of (then a dense GEMM). Differentiable in x, A and B."""
     total = None
     for adapter in adapters:
         rank = adapter.lora_A.shape[0] // num_experts
-        # (E, in, r) and (E, r, out): expert e's A_e^T and B_e^T, in x's dtype.
-        down = adapter.lora_A.to(x.dtype).view(num_experts, rank, -1).transpose(1, 2)
-        up = adapter.lora_B.to(x.dtype).view(-1, rank, num_experts).permute(2, 1, 0)
-        down = _rank_padded(down, 2, rank).contiguous()
-        up = _rank_padded(up, 1, rank).contiguous()
-        delta = _grouped_mm(_grouped_mm(x, down, offsets), up, offsets) * adapter.scaling
+        # (E, r, out): expert e's B_e^T, scaled (on the small factor, not on the output).
+        up = (adapter.lora_B * adapter.scaling).to(x.dtype)
+        up = _rank_padded(up.view(-1, rank, num_experts).permute(2, 1, 0), 1, rank).contiguous()
+        hidden = _lora_hidden(adapter, rank, num_experts, x, offsets, tokens)
+        delta = _grouped_mm(hidden, up, offsets)
         total = delta if total is None else total + delta
     return total
 
@@ -264,8 +303,9 @@ def _with_lora(
     offsets: torch.Tensor,
     adapters: Sequence[ExpertLoRA],
     num_experts: int,
+    tokens: TokenRows | None = None,
 ) -> torch.Tensor:
-    delta = expert_lora_delta(x, offsets, adapters, num_experts)
+    delta = expert_lora_delta(x, offsets, adapters, num_experts, tokens)
     return base if delta is None else base + delta.to(base.dtype)
 
 
@@ -288,17 +328,28 @@ def experts_4bit_forward(
     kernel: str = DEFAULT_KERNEL,
     gate_up_lora: Sequence[ExpertLoRA] = (),
     down_lora: Sequence[ExpertLoRA] = (),
+    lora_first_projection: str = DEFAULT_LORA_FIRST_PROJECTION,
 ) -> torch.Tensor:
     """The MoE experts computation of Gemma4TextExperts with 4-bit weights, plus the LoRA
     adapters on either fused weight (added before the gate, and before the routing weights,
-    as peft's W + delta W would be)."""
+    as peft's W + delta W would be). `lora_first_projection` says how gate_up's A runs:
+    "dense" on the tokens, or "grouped" over the routed rows."""
+    if lora_first_projection not in LORA_FIRST_PROJECTIONS:
+        raise ValueError(
+            f"expert LoRA first projection {lora_first_projection!r}: expected one of "
+            f"{', '.join(LORA_FIRST_PROJECTIONS)}"
+        )
     num_tokens, hidden_dim = hidden_states.shape
     top_k = top_k_index.shape[-1]
     num_experts = gate_up.num_experts
     perm, offsets = route(top_k_index, num_experts)
-    routed = hidden_states[perm // top_k]
+    token_of_row = perm // top_k
+    routed = hidden_states[token_of_row]
     gate_up_out = grouped_linear_4bit(routed, offsets, gate_up, chunk_bytes, kernel)
-    gate_up_out = _with_lora(gate_up_out, routed, offsets, gate_up_lora, num_experts)
+    tokens = None
+    if gate_up_lora and lora_first_projection == "dense":
+        tokens = TokenRows(hidden_states, token_of_row, top_k_index.reshape(-1)[perm])
+    gate_up_out = _with_lora(gate_up_out, routed, offsets, gate_up_lora, num_experts, tokens)
     gated = apply_gate(gate_up_out)
     down_out = grouped_linear_4bit(gated, offsets, down, chunk_bytes, kernel)
     down_out = _with_lora(down_out, gated, offsets, down_lora, num_experts)

@@ -101,6 +101,47 @@ def test_gradients_reach_a_b_and_the_input() -> None:
     assert lora_a.grad.dtype == torch.float32 and lora_b.grad.dtype == torch.float32
 
 
+def test_dense_and_grouped_first_projection_agree() -> None:
+    """gate_up's A on the tokens (dense GEMM, gathered) or on the routed rows (grouped GEMM):
+    the same output and the same gradients of the input, A and B, for an odd rank too."""
+    experts, hidden, inner, tokens, top_k = 8, 64, 64, 24, 2
+    generator = torch.Generator().manual_seed(9)
+    gate_up = pack_experts(torch.randn(experts, 2 * inner, hidden, generator=generator))
+    down = pack_experts(torch.randn(experts, hidden, inner, generator=generator))
+    x = torch.randn(tokens, hidden, generator=generator)
+    probs = torch.randn(tokens, experts, generator=generator).softmax(-1)
+    weights, index = torch.topk(probs, top_k)
+    grad = torch.randn(tokens, hidden, generator=generator)
+
+    def gate(gate_up_out: torch.Tensor) -> torch.Tensor:
+        g, u = gate_up_out.chunk(2, dim=-1)
+        return torch.nn.functional.gelu(g) * u
+
+    results = {}
+    for first in ("dense", "grouped"):
+        factors = [
+            torch.randn(3 * experts, hidden, generator=torch.Generator().manual_seed(1)),
+            torch.randn(2 * inner, 3 * experts, generator=torch.Generator().manual_seed(2)),
+        ]
+        for factor in factors:
+            factor.requires_grad_()
+        inputs = x.clone().requires_grad_()
+        out = experts_4bit_forward(
+            gate_up,
+            down,
+            gate,
+            inputs,
+            index,
+            weights,
+            gate_up_lora=[ExpertLoRA(*factors, 0.5)],
+            lora_first_projection=first,
+        )
+        out.backward(grad)
+        results[first] = [out.detach(), inputs.grad, *(f.grad for f in factors)]
+    for dense, grouped in zip(*results.values(), strict=True):
+        assert ((dense - grouped).norm() / grouped.norm()).item() < 1e-5  # float32 sums
+
+
 class _LargestFloat(TorchDispatchMode):
     """Records the largest floating-point tensor any op produces."""
 
