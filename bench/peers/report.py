@@ -29,6 +29,23 @@ ROW_TITLES = {
     "attn": "LoRA r16 α16 on q/k/v/o",
     "experts": "LoRA r16 α16 on q/k/v/o + the experts",
 }
+LOADED_FIELDS = (
+    "load_s",
+    "allocated_gib",
+    "peak_allocated_gib",
+    "trainable_params",
+    "weights",
+    "expert_modules",
+)
+REPACKING = (
+    "Two wheels are repacked by `bench/peers/wheels.py` so that the set fits the device's carry "
+    "limit: only files that the peer's import and training path never load are removed "
+    "(unsloth's `studio/` web app; bitsandbytes' native libraries for CUDA versions other than "
+    "the machine's 13.0, for ROCm and for Intel XPU) and RECORD is regenerated; every other file "
+    "keeps its bytes. The script downloads the official wheels, checks their sha256 (below), "
+    "repacks reproducibly and prints both hashes; run.sh checks each file it installs against "
+    "that manifest."
+)
 TARGET_LENGTH = 2048
 TARGET_RATIO = 1.5
 
@@ -237,6 +254,17 @@ def summary(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "machine_versions": setups[-1]["machine_versions"] if setups else {},
         "wheels": setups[-1]["wheels"] if setups else [],
         "settings": {f"{s['trainer']}/{s['row']}": s.get("settings") for s in starts},
+        "loaded": [
+            {
+                "trainer": a.trainer,
+                "row": a.row,
+                **{k: loaded.get(k) for k in LOADED_FIELDS},
+            }
+            for runs in grouped.values()
+            for a in [chosen(runs)]
+            for loaded in [a.first("loaded")]
+            if loaded
+        ],
         "tables": tables,
         "targets": {row: targets(entries) for row, entries in tables.items()},
         "attempts": [
@@ -246,6 +274,14 @@ def summary(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
                 "time": a.time,
                 "lengths": sorted(a.lengths),
                 "exit": a.exit_code,
+                "log_tail": next(
+                    (
+                        r.get("log_tail")
+                        for r in a.records
+                        if r["kind"] == "exit" and r.get("rc") and not a.first("start")
+                    ),
+                    None,
+                ),
                 "failures": [
                     {k: f.get(k) for k in ("stage", "status", "error_type", "error", "error_where")}
                     for f in a.failures
@@ -270,7 +306,8 @@ def markdown(report: dict[str, Any]) -> str:
         "# Side by side: stackpatch, unsloth, experts4bit-qlora, axolotl (issue 13)",
         "",
         f"Date: {', '.join(report['dates']) or '–'}. GPU: {'; '.join(report['gpu']) or '–'}. "
-        f"Cap: `torch.cuda.set_per_process_memory_fraction` = {report['cap_gib']} GiB in every "
+        f"Cap: `torch.cuda.set_per_process_memory_fraction` = "
+        f"{', '.join(str(c) for c in report['cap_gib']) or '–'} GiB in every "
         "trainer process, set before loading. Made by `bench/peers/run.sh` and "
         "`bench/peers/report.py` from the run's JSONL.",
         "",
@@ -309,7 +346,23 @@ def markdown(report: dict[str, Any]) -> str:
         lines += ["", "Targets (issue 13):", ""]
         lines += [f"- {note}" for note in report["targets"][row]]
         lines.append("")
-    lines += ["## Settings per process", ""]
+    lines += [
+        "## After loading",
+        "",
+        "| trainer/row | load s | allocated GiB | loading peak GiB | trainable parameters "
+        "| tensors by kind (GiB) |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for item in sorted(report["loaded"], key=lambda i: (trainer_rank(i["trainer"]), i["row"])):
+        kinds = "; ".join(
+            f"{kind} {value['gib']:.2f}" for kind, value in (item.get("weights") or {}).items()
+        )
+        lines.append(
+            f"| {item['trainer']}/{item['row']} | {cell(item['load_s'], 1)} | "
+            f"{gib(item['allocated_gib'])} | {gib(item['peak_allocated_gib'])} | "
+            f"{cell(item['trainable_params'])} | {kinds or '–'} |"
+        )
+    lines += ["", "## Settings per process", ""]
     for key, settings in sorted(report["settings"].items()):
         lines.append(f"- `{key}`: {json.dumps(settings, sort_keys=True)}")
     lines += ["", "## Failures and attempts (exact errors)", ""]
@@ -319,17 +372,24 @@ def markdown(report: dict[str, Any]) -> str:
             f"{a['lengths'] or 'none'}, exit {a['exit']}"
         )
         lines.append(head)
+        if a.get("log_tail"):
+            lines.append(f"  - died before its first line; log tail: `{a['log_tail'][-400:]}`")
         for f in a["failures"]:
             where = " ← ".join(reversed(f.get("error_where") or []))
+            kind = f"`{f['error_type']}`: " if f.get("error_type") else ""
             lines.append(
-                f"  - {f.get('stage')} ({f.get('status')}): `{f.get('error_type') or ''}`: "
-                f"{f.get('error')}" + (f" (at {where})" if where else "")
+                f"  - {f.get('stage') or 'check'} ({f.get('status')}): {kind}{f.get('error')}"
+                + (f" (at {where})" if where else "")
             )
     for row, entries in report["tables"].items():
+        previous = None
         for e in entries:
-            if e["status"] not in ("ok",) and e["error"] and e["status"] in ("oom", "error"):
-                lines.append(f"- {e['trainer']}/{row} at {e['length']} tokens: {e['error']}")
-    lines += ["", "## Wheels carried (bench/peers/wheels.py)", ""]
+            if e["status"] in ("oom", "error") and e["error"]:
+                same = previous == (e["trainer"], e["error"])
+                previous = (e["trainer"], e["error"])
+                text = "the same" if same else e["error"]
+                lines.append(f"- {e['trainer']}/{row} at {e['length']} tokens: {text}")
+    lines += ["", "## Wheels carried (bench/peers/wheels.py)", "", REPACKING, ""]
     lines += [
         "| wheel | MB | sha256 | official sha256 (if repacked) | removed |",
         "| --- | --- | --- | --- | --- |",
@@ -347,6 +407,7 @@ def console(report: dict[str, Any]) -> str:
     lines = []
     for row, entries in report["tables"].items():
         lines.append(f"== {ROW_TITLES[row]}")
+        shown: set[tuple[str, str]] = set()
         for e in entries:
             ratio = f"x{e['vs_fastest_peer']:.2f}" if e["vs_fastest_peer"] is not None else ""
             lines.append(
@@ -355,7 +416,8 @@ def console(report: dict[str, Any]) -> str:
                 f"/{gib(e['peak_reserved_gib'])} GiB load {cell(e['load_s'], 1)} s "
                 f"losses {[round(x, 3) for x in e['losses'][:3]]}"
             )
-            if e["status"] != "ok" and e["error"]:
+            if e["status"] != "ok" and e["error"] and (e["trainer"], e["error"]) not in shown:
+                shown.add((e["trainer"], e["error"]))
                 lines.append(f"    {str(e['error'])[:300]}")
         lines += [f"  target: {note}" for note in report["targets"][row]]
     return "\n".join(lines)

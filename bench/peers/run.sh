@@ -101,15 +101,15 @@ declare -A PEER_WHEELS=(
   [unsloth]="unsloth unsloth_zoo trl datasets dill multiprocess bitsandbytes"
   [e4b]="experts4bit_qlora grouped_nf4_gemm bitsandbytes"
   [axolotl]="axolotl"
-  [stackpatch-bnb]="bitsandbytes"
 )
-install_peer() {  # name -> prints the --target folder
+install_into() {  # folder stem... -> installs those wheels into SITE/folder, prints its path
   local name=$1 files stamp target=$SITE/$1
-  # shellcheck disable=SC2086
-  files=$(wheel_files ${PEER_WHEELS[$name]}) || return 1
+  shift
+  files=$(wheel_files "$@") || return 1
   local mine=()
   for f in $files; do [[ $f == "$WHEELS"/* ]] && mine+=("$f"); done
   $PYTHON $HERE/preflight.py wheels "$WHEELS/MANIFEST.json" "${mine[@]}" >&2 || return 1
+  # shellcheck disable=SC2086  # one path per word
   stamp=$(sha256sum $files | sha256sum | cut -c1-16)
   if [[ ! -f $target/.stamp-$stamp ]]; then
     rm -rf "$target"
@@ -119,6 +119,24 @@ install_peer() {  # name -> prints the --target folder
     touch "$target/.stamp-$stamp"
   fi
   echo "$target"
+}
+install_peer() {  # trainer -> its own --target folder
+  # shellcheck disable=SC2086
+  install_into "$1" ${PEER_WHEELS[$1]}
+}
+
+# stackpatch runs on the machine's stack plus, if missing there, bitsandbytes (4-bit) and
+# libcst (apply_patches.py): the same path for --apply, the run and --revert.
+SP_PATH=$INHERITED_PYTHONPATH
+stackpatch_path() {
+  local missing=()
+  PYTHONPATH=$SP_PATH $PYTHON -c "import bitsandbytes" 2>/dev/null || missing+=(bitsandbytes)
+  PYTHONPATH=$SP_PATH $PYTHON -c "import libcst" 2>/dev/null || missing+=(libcst)
+  ((${#missing[@]} == 0)) && return 0
+  local deps
+  deps=$(install_into stackpatch-deps "${missing[@]}" 2>>"$SETUP_LOG") || return 1
+  SP_PATH=$deps${SP_PATH:+:$SP_PATH}
+  say "stackpatch: ${missing[*]} from $deps"
 }
 
 # -- processes -------------------------------------------------------------------------------
@@ -158,12 +176,8 @@ adapter() {  # trainer row pythonpath script
 
 $PYTHON $HERE/preflight.py setup "$RESULTS" "$WHEELS/MANIFEST.json"
 
+stackpatch_path || { say "error: stackpatch's bitsandbytes/libcst did not install, see $SETUP_LOG"; exit 1; }
 if wants stackpatch:; then
-  SP_PATH=$INHERITED_PYTHONPATH
-  if ! PYTHONPATH=$SP_PATH $PYTHON -c "import bitsandbytes" 2>/dev/null; then
-    bnb=$(install_peer stackpatch-bnb) || { say "error: cannot install bitsandbytes"; exit 1; }
-    SP_PATH=$bnb${SP_PATH:+:$SP_PATH}
-  fi
   if PYTHONPATH=$SP_PATH $PYTHON apply_patches.py --apply -q >>"$SETUP_LOG" 2>&1; then
     PYTHONPATH=$SP_PATH $PYTHON apply_patches.py --verify 2>&1 | tail -n 3
     for spec in "${ORDERED[@]}"; do
@@ -175,16 +189,13 @@ if wants stackpatch:; then
       [[ $spec == stackpatch:* ]] && skip_line stackpatch "${spec#*:}" "apply_patches.py --apply failed: $(tail -n 1 "$SETUP_LOG")"
     done
   fi
-  # Peers run on the stock stack: revert with the same path the patches were applied with.
-  if ! PYTHONPATH=$SP_PATH $PYTHON apply_patches.py --revert -q >>"$SETUP_LOG" 2>&1; then
-    say "error: apply_patches.py --revert failed; no peer runs on a patched stack"
-    tail -n 3 "$SETUP_LOG"
-    exit 1
-  fi
-else
-  # A call cut off while patched leaves the stack patched: revert (a no-op when it is stock).
-  PYTHONPATH=$INHERITED_PYTHONPATH $PYTHON apply_patches.py --revert -q >>"$SETUP_LOG" 2>&1 ||
-    { say "error: apply_patches.py --revert failed, see $SETUP_LOG"; exit 1; }
+fi
+# Peers run on the stock stack. Revert with the path the patches were applied with; also
+# when stackpatch is not asked for (a call cut off while patched left the stack patched;
+# on a stock stack it changes nothing).
+if ! PYTHONPATH=$SP_PATH $PYTHON apply_patches.py --revert -q >>"$SETUP_LOG" 2>&1; then
+  say "error: apply_patches.py --revert failed, no peer runs on a patched stack: $(tail -n 1 "$SETUP_LOG")"
+  exit 1
 fi
 
 for spec in "${ORDERED[@]}"; do

@@ -128,6 +128,12 @@ WHEELS = (
         ("experts4bit-qlora",),
     ),
     Wheel(
+        "libcst",
+        "1.9.0",
+        "8d731abe1307720ea1a52d447555e8443a6d130e0e520243c0634a58f6edbc9d",
+        ("stackpatch",),  # stackpatch's own CLI (apply_patches.py), if the machine lacks it
+    ),
+    Wheel(
         "axolotl",
         "0.21.0",
         "5db0468897d1f3a80fa2becc80dd4409f378ce887dcb2c98854dc70b38196391",
