@@ -218,15 +218,17 @@ def _expert_storage(model: Any) -> dict[str, Any]:
 
 
 def _weights_by_kind(model: Any) -> dict[str, dict[str, float]]:
-    """Parameters and buffers by tensor class and dtype: how much each trainer keeps in 4 bits
-    (packed bytes; quantization statistics held outside the module tree are not counted)."""
+    """Parameters and buffers by tensor class, dtype and device: what each trainer keeps in 4
+    bits and what it moved off the GPU (packed bytes; quantization statistics held outside the
+    module tree are not counted)."""
     totals: dict[str, list[int]] = {}
     seen: set[int] = set()
     for _, tensor in [*model.named_parameters(), *model.named_buffers()]:
         if id(tensor) in seen:
             continue
         seen.add(id(tensor))
-        key = f"{type(tensor).__name__} {str(tensor.dtype).removeprefix('torch.')}"
+        dtype = str(tensor.dtype).removeprefix("torch.")
+        key = f"{type(tensor).__name__} {dtype} on {tensor.device.type}"
         entry = totals.setdefault(key, [0, 0])
         entry[0] += 1
         entry[1] += tensor.numel() * tensor.element_size()
