@@ -92,7 +92,10 @@ class Instrumented:
         example.add_lora = self.add_lora
         example.build_dataset = self.build_dataset
         example.fail = self.fail
-        qlora_training.Gemma4QLoRATrainer = self.measured_trainer()
+        measured = self.measured_trainer()
+        qlora_training.Gemma4QLoRATrainer = measured  # main() imports it when it runs
+        if hasattr(example, "Gemma4QLoRATrainer"):  # in case a later example imports it at the top
+            example.Gemma4QLoRATrainer = measured
 
     @staticmethod
     def fail(message: str, code: int = 2) -> None:
