@@ -36,6 +36,8 @@ BUDGET_S=${BUDGET_S:-540} MIN_START_S=${MIN_START_S:-75}
 WHEELS=${WHEELS:-$ROOT/.whl/peers} SITE=${SITE:-/tmp/peers-site} WORK=${WORK:-/tmp/peers-work}
 export OUT CKPT DATA LENGTHS STEPS CAP_GIB BUDGET_S DRY_RUN
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+# Nothing may reach a hub: fail at once instead of waiting for a network that is not there.
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1
 RESULTS=$OUT/peers.jsonl
 SETUP_LOG=$OUT/setup.log
 mkdir -p "$OUT" "$WORK" "$SITE" || exit 2

@@ -190,6 +190,7 @@ def repack(source: Path, target: Path, drop: Callable[[str], bool]) -> list[str]
                             if not line.strip() or not drop(record_line_path(line))
                         ).encode()
                     out.writestr(_copy_info(info), data, compress_type=info.compress_type)
+            os.chmod(scratch, 0o644)  # mkstemp makes it 0600
             os.replace(scratch, target)
         except BaseException:
             Path(scratch).unlink(missing_ok=True)
