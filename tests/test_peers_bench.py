@@ -447,6 +447,15 @@ def test_report_takes_the_latest_attempt_that_reached_a_length() -> None:
         (512, "ok"),
         (2048, "not reached (time limit)"),
     ]
+    cut = [*records[:2], length_line("unsloth", "attn", 7, 2048, 1400.0, 16.0, status="timeout")]
+    cut[-1]["steps"] = 6
+    entries = report.table(report.attempts(cut), "attn")
+    assert [(e["status"], e["tokens_per_s"]) for e in entries] == [
+        ("ok", 400.0),
+        ("timeout after 6 steps", 1400.0),
+    ]
+    failed = [*records[:2], length_line("unsloth", "attn", 7, 2048, 900.0, 22.9, status="oom")]
+    assert report.table(report.attempts(failed), "attn")[1]["tokens_per_s"] is None
 
 
 def test_report_writes_markdown_and_json(tmp_path: Path) -> None:

@@ -356,7 +356,8 @@ def summary_line(record: dict[str, Any]) -> str:
             f"allocated / reserved, losses {record.get('losses', [])[:3]}"
         )
         if record.get("error"):
-            text += f"; {record.get('error_type', '')}: {str(record['error'])[:400]}"
+            kind = f"{record['error_type']}: " if record.get("error_type") else ""
+            text += f"; {kind}{str(record['error'])[:400]}"
         return text
     if kind == "failed":
         return (

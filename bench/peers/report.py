@@ -157,7 +157,10 @@ def table(grouped: dict[tuple[str, str], list[Attempt]], row: str) -> list[dict[
         loaded = attempt.first("loaded") or {}
         for length in requested_lengths(attempt) or lengths:
             status, result = describe_outcome(attempt, length)
-            rate = result.get("tokens_per_s") if result and status == "ok" else None
+            # a partial median counts for a run cut off by the time limit, not for a failure
+            rate = result.get("tokens_per_s") if result and status in ("ok", "timeout") else None
+            if status == "timeout" and result:
+                status = f"timeout after {result.get('steps')} steps"
             best = fastest.get(length)
             entries.append(
                 {

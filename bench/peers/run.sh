@@ -31,6 +31,7 @@ else
   CKPT=${CKPT:-/tmp/ckpt-26b} DATA=${DATA:-/tmp/peers-data}
   LENGTHS=${LENGTHS:-512 2048 4096} STEPS=${STEPS:-10} SAMPLES=32
 fi
+((SAMPLES < STEPS)) && SAMPLES=$STEPS  # one sample per step, never reused
 OUT=${OUT:-/tmp/peers-out} CAP_GIB=${CAP_GIB:-23}
 BUDGET_S=${BUDGET_S:-540} MIN_START_S=${MIN_START_S:-75}
 WHEELS=${WHEELS:-$ROOT/.whl/peers} SITE=${SITE:-/tmp/peers-site} WORK=${WORK:-/tmp/peers-work}
