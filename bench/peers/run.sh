@@ -82,9 +82,15 @@ wants() { [[ " ${ORDERED[*]} " == *" $1"* ]]; }
     say "making the 26B-A4B checkpoint in $CKPT"
     $PYTHON bench/whole_model_memory.py make --dir "$CKPT"
   fi &&
-  # shellcheck disable=SC2086  # LENGTHS is a list
-  $PYTHON bench/example_data.py --model-dir "$CKPT" --out "$DATA" --lengths $LENGTHS --samples $SAMPLES &&
-  $PYTHON $HERE/tokens.py --model-dir "$CKPT" --data "$DATA" --lengths $LENGTHS
+  data_stamp=$DATA/.stamp-$(echo "$CKPT $LENGTHS $SAMPLES" | sha256sum | cut -c1-16)
+  if [[ -f $data_stamp && -f $CKPT/tokenizer.json ]]; then
+    say "reusing chat data and tokens in $DATA"
+  else
+    # shellcheck disable=SC2086  # LENGTHS is a list
+    $PYTHON bench/example_data.py --model-dir "$CKPT" --out "$DATA" --lengths $LENGTHS --samples $SAMPLES &&
+    $PYTHON $HERE/tokens.py --model-dir "$CKPT" --data "$DATA" --lengths $LENGTHS &&
+    touch "$data_stamp"
+  fi
 } >>"$SETUP_LOG" 2>&1
 rc=$?
 tail -n 4 "$SETUP_LOG"
