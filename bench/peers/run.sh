@@ -73,25 +73,30 @@ say "processes: ${ORDERED[*]}; lengths $LENGTHS; $STEPS steps; cap $CAP_GIB GiB;
 wants() { [[ " ${ORDERED[*]} " == *" $1"* ]]; }
 
 # -- checkpoint, data, tokens ----------------------------------------------------------------
-{
+prepare() {
+  # whole_model_memory.py writes the index last: a checkpoint cut off while being made is
+  # made again
   if [[ -f $CKPT/model.safetensors.index.json || -f $CKPT/model.safetensors ]]; then
     say "reusing checkpoint $CKPT"
   elif [[ $DRY_RUN == 1 ]]; then
-    $PYTHON $HERE/tiny_checkpoint.py --dir "$CKPT"
+    $PYTHON $HERE/tiny_checkpoint.py --dir "$CKPT" || return 1
   else
     say "making the 26B-A4B checkpoint in $CKPT"
-    $PYTHON bench/whole_model_memory.py make --dir "$CKPT"
-  fi &&
-  data_stamp=$DATA/.stamp-$(echo "$CKPT $LENGTHS $SAMPLES" | sha256sum | cut -c1-16)
-  if [[ -f $data_stamp && -f $CKPT/tokenizer.json ]]; then
-    say "reusing chat data and tokens in $DATA"
-  else
-    # shellcheck disable=SC2086  # LENGTHS is a list
-    $PYTHON bench/example_data.py --model-dir "$CKPT" --out "$DATA" --lengths $LENGTHS --samples $SAMPLES &&
-    $PYTHON $HERE/tokens.py --model-dir "$CKPT" --data "$DATA" --lengths $LENGTHS &&
-    touch "$data_stamp"
+    $PYTHON bench/whole_model_memory.py make --dir "$CKPT" || return 1
   fi
-} >>"$SETUP_LOG" 2>&1
+  local stamp
+  stamp=$DATA/.stamp-$(echo "$CKPT $LENGTHS $SAMPLES" | sha256sum | cut -c1-16)
+  if [[ -f $stamp && -f $CKPT/tokenizer.json ]]; then
+    say "reusing chat data and tokens in $DATA"
+    return 0
+  fi
+  # shellcheck disable=SC2086  # LENGTHS is a list
+  $PYTHON bench/example_data.py --model-dir "$CKPT" --out "$DATA" --lengths $LENGTHS \
+    --samples "$SAMPLES" &&
+    $PYTHON $HERE/tokens.py --model-dir "$CKPT" --data "$DATA" --lengths $LENGTHS &&
+    touch "$stamp"
+}
+prepare >>"$SETUP_LOG" 2>&1
 rc=$?
 tail -n 4 "$SETUP_LOG"
 if ((rc != 0)); then say "error: checkpoint or data failed (exit $rc), see $SETUP_LOG"; exit 1; fi
