@@ -101,21 +101,21 @@ class Instrumented:
     def fail(message: str, code: int = 2) -> None:
         raise ExampleRefused(message)
 
-    def load_model(self, args: Any, device: Any) -> Any:
+    def load_model(self, *args: Any, **kwargs: Any) -> Any:
         if self.base is None:
             started = time.perf_counter()
             try:
-                self.base = self.original["load_model"](args, device)
+                self.base = self.original["load_model"](*args, **kwargs)
             except Exception as exc:
                 self.process.failed("load", exc)
                 raise LoadFailed from None
             self.load_s = time.perf_counter() - started
         return self.base
 
-    def add_lora(self, model: Any, args: Any) -> Any:
+    def add_lora(self, model: Any, *args: Any, **kwargs: Any) -> Any:
         if self.peft is None:
             started = time.perf_counter()
-            self.peft = self.original["add_lora"](model, args)
+            self.peft = self.original["add_lora"](model, *args, **kwargs)
             self.load_s += time.perf_counter() - started
             self.trainable = [p for p in self.peft[0].parameters() if p.requires_grad]
             self.initial = snapshot(self.trainable)
@@ -131,8 +131,8 @@ class Instrumented:
             restore(self.trainable, self.initial)
         return self.peft
 
-    def build_dataset(self, args: Any, tokenizer: Any) -> Any:
-        rows, tokenized = self.original["build_dataset"](args, tokenizer)
+    def build_dataset(self, *args: Any, **kwargs: Any) -> Any:
+        rows, tokenized = self.original["build_dataset"](*args, **kwargs)
         self.rows_sha256 = shared_tokens.rows_digest(rows)
         return rows, tokenized
 
