@@ -136,12 +136,6 @@ class Instrumented:
         self.rows_sha256 = shared_tokens.rows_digest(rows)
         return rows, tokenized
 
-    def after_length(self) -> None:
-        """Undo accelerate's autocast wrapper, so the next Trainer wraps the model once."""
-        if self.peft is not None:
-            for key in ("forward", "_original_forward"):
-                self.peft[0].__dict__.pop(key, None)
-
     def measured_trainer(self) -> type:
         import torch
         from transformers import TrainerCallback
@@ -202,6 +196,8 @@ def main() -> int:
     wrappers = Instrumented(process, example, qlora_training)
     for length in lengths:
         wrappers.clock = process.clock()
+        # Each length's Trainer prepares the same model again; accelerate sees it is prepared
+        # (`_is_accelerate_prepared`) and keeps the first bf16 autocast wrapper, once.
         error: BaseException | None = None
         try:
             example.main(example_argv(args, length))
@@ -209,7 +205,6 @@ def main() -> int:
             return 1
         except (Exception, DeadlineReached) as exc:
             error = exc
-        wrappers.after_length()
         path = shared_tokens.tokens_path(args.data, length)
         expected = shared_tokens.digest_of(path) if path.is_file() else None
         process.length_result(
