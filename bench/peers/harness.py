@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import gc
 import math
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -73,8 +74,13 @@ def trainable_numel(params: Sequence[Any]) -> int:
 
 
 def release_memory() -> None:
+    """Free what the finished length held, as if the next length ran in a fresh process."""
     import torch
 
+    paging = sys.modules.get("bitsandbytes.functional")
+    if paging is not None and hasattr(paging, "GlobalPageManager"):
+        # Paged optimizers register their state buffers here for good; the optimizer is gone.
+        paging.GlobalPageManager.get_instance().paged_tensors.clear()
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
