@@ -112,7 +112,8 @@ def use_liger_kernels(model: torch.nn.Module) -> Undo:
             # hidden state; neither keeps a weight to read the width from.
             parent = modules[name.rsplit(".", 1)[0]]
             width = getattr(parent, "head_dim", None) or parent.hidden_size
-            device = next(parent.parameters()).device
+            tensors = (*parent.parameters(), *parent.buffers(), *model.parameters())
+            device = tensors[0].device if tensors else None
             norm.register_buffer(
                 "_stackpatch_unit_scale", torch.ones(width, device=device), persistent=False
             )
