@@ -406,7 +406,7 @@ class Switches:
         if config in ("fast", "compile") and self.wide_kernel != "efficient":
             self.undo.append(use_wide_head_attention(self.model, self.wide_kernel))
         if config == "compile":
-            self.undo.append(compile_decoder_layers(self.model, dynamic=True))
+            self.undo.append(compile_decoder_layers(self.model))
         return {
             "guard": legacy_guard_class()() if legacy else NonFiniteGuard(),
             "loss": "liger" if config in ("liger", "fast", "compile") else "chunked",

@@ -137,8 +137,15 @@ def _is_opaque(module: torch.nn.Module) -> bool:
     return type(module).__name__ in ("Linear4bit", "Linear8bitLt", "Gemma4TextExperts")
 
 
-def compile_decoder_layers(model: torch.nn.Module, dynamic: bool | None = None) -> Undo:
-    """torch.compile each Gemma4TextDecoderLayer's forward (checkpointing stays outside)."""
+def compile_decoder_layers(model: torch.nn.Module, dynamic: bool = True) -> Undo:
+    """torch.compile each Gemma4TextDecoderLayer's forward (checkpointing stays outside).
+
+    `dynamic=True` compiles shape-generic code from the start. With automatic dynamic shapes
+    the layers of the other attention kind (other head dims), or the next batch length,
+    make dynamo add a dynamic graph beside the static one, and checkpointing's recomputation
+    in backward may then run the other graph than forward did, which saves other tensors:
+    "Recomputed values for the following tensors have different metadata" (seen on CPU with
+    the tiny model; https://github.com/pytorch/pytorch/issues/166926)."""
     undo = Undo("compile")
     for module in model.modules():
         if _is_opaque(module):
