@@ -86,7 +86,12 @@ def _liger_rms_norm(self: torch.nn.Module, hidden_states: torch.Tensor) -> torch
     cast back (casting mode "gemma", offset 0: Gemma 4 scales by w, not 1 + w)."""
     from liger_kernel.ops import LigerRMSNormFunction
 
-    weight = self.weight if self.with_scale else self._stackpatch_unit_scale
+    if self.with_scale:
+        weight = self.weight
+    else:
+        weight = self._stackpatch_unit_scale
+        if weight.device != hidden_states.device:  # a holder without tensors built it on CPU
+            self._stackpatch_unit_scale = weight = weight.to(hidden_states.device)
     return LigerRMSNormFunction.apply(hidden_states, weight, self.eps, 0.0, "gemma", False, None)
 
 
@@ -137,7 +142,9 @@ def _is_opaque(module: torch.nn.Module) -> bool:
     return type(module).__name__ in ("Linear4bit", "Linear8bitLt", "Gemma4TextExperts")
 
 
-def compile_decoder_layers(model: torch.nn.Module, dynamic: bool = True) -> Undo:
+def compile_decoder_layers(
+    model: torch.nn.Module, dynamic: bool = True, backend: str = "inductor"
+) -> Undo:
     """torch.compile each Gemma4TextDecoderLayer's forward (checkpointing stays outside).
 
     `dynamic=True` compiles shape-generic code from the start. With automatic dynamic shapes
@@ -145,7 +152,9 @@ def compile_decoder_layers(model: torch.nn.Module, dynamic: bool = True) -> Undo
     make dynamo add a dynamic graph beside the static one, and checkpointing's recomputation
     in backward may then run the other graph than forward did, which saves other tensors:
     "Recomputed values for the following tensors have different metadata" (seen on CPU with
-    the tiny model; https://github.com/pytorch/pytorch/issues/166926)."""
+    the tiny model; https://github.com/pytorch/pytorch/issues/166926). `backend` is
+    torch.compile's ("aot_eager" traces and partitions the same graphs without generating
+    kernels: what the CPU tests use)."""
     undo = Undo("compile")
     for module in model.modules():
         if _is_opaque(module):
@@ -154,7 +163,7 @@ def compile_decoder_layers(model: torch.nn.Module, dynamic: bool = True) -> Undo
     for layer in language_modules(model, "Gemma4TextDecoderLayer"):
         # nn.Module.compile compiles _call_impl; GradientCheckpointingLayer.__call__ wraps
         # that in checkpoint(), so the recomputation in backward reruns the compiled code.
-        layer.compile(dynamic=dynamic)
+        layer.compile(dynamic=dynamic, backend=backend)
         undo.add(functools.partial(setattr, layer, "_compiled_call_impl", None))
         undo.count += 1
     undo.add(torch._dynamo.reset)
