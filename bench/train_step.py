@@ -237,8 +237,10 @@ def wide_attention_bench(lengths: tuple[int, ...]) -> list[dict]:
     for length in lengths:
         gen = torch.Generator(device="cuda").manual_seed(length)
         shape = {"heads": WIDE["heads"], "kv": WIDE["kv_heads"]}
-        q = torch.randn(1, shape["heads"], length, 512, device="cuda", generator=gen) / 512**0.25
-        k = torch.randn(1, shape["kv"], length, 512, device="cuda", generator=gen) / 512**0.25
+        # Gemma 4 RMS-normalises queries and keys and scales scores by 1: logits of standard
+        # deviation ~sqrt(512), where bf16 scores would lose ~0.1 absolute.
+        q = torch.randn(1, shape["heads"], length, 512, device="cuda", generator=gen)
+        k = torch.randn(1, shape["kv"], length, 512, device="cuda", generator=gen)
         v = torch.randn(1, shape["kv"], length, 512, device="cuda", generator=gen)
         grad = torch.randn(1, length, shape["heads"], 512, device="cuda", generator=gen)
         inputs = [t.detach().requires_grad_(True) for t in (q, k, v)]
@@ -284,21 +286,26 @@ def _loss_step(loss_fn, x, labels, weight, window):
 
 
 def pick_wide_kernel(rows: list[dict]) -> str:
-    """The fastest kernel (total time) that ran at every length with errors at bf16 level and
-    at most 2 GiB of extra memory (the step peaks ~17 GiB at 4,096 tokens; the cap is 23)."""
+    """The fastest kernel (total time) that ran at every length, within twice the error of
+    the efficient kernel (or bf16-level error: 0.02 out, 0.05 grads) and with at most 2 GiB
+    of extra memory (the step peaks ~17 GiB at 4,096 tokens; the cap is 23)."""
     by_kernel: dict[str, list[dict]] = {}
     for row in rows:
         by_kernel.setdefault(row["kernel"], []).append(row)
+    efficient = {r["tokens"]: r for r in by_kernel.get("efficient", []) if "ms" in r}
+
+    def acceptable(row: dict) -> bool:
+        if "ms" not in row or row["extra_peak_mib"] > 2048:
+            return False
+        reference = efficient.get(row["tokens"], {})
+        out_bound = max(0.02, 2 * reference.get("error_out", 0.0))
+        grad_bound = max(0.05, 2 * reference.get("error_grad", 0.0))
+        return row["error_out"] <= out_bound and row["error_grad"] <= grad_bound
+
     good = {
         name: sum(r["ms"] for r in group)
         for name, group in by_kernel.items()
-        if all(
-            "ms" in r
-            and r["error_out"] < 0.02
-            and r["error_grad"] < 0.05
-            and r["extra_peak_mib"] <= 2048
-            for r in group
-        )
+        if all(map(acceptable, group))
     }
     return min(good, key=good.get) if good else "efficient"
 
@@ -823,7 +830,8 @@ def _wide_lines(records: list[dict]) -> list[str]:
     out = [
         "## Attention of the head_dim-512 layers (one layer, forward + backward, bf16)",
         "",
-        f"16 query heads on 2 key/value heads, causal, scale 1. Error = largest difference "
+        f"16 query heads on 2 key/value heads, causal, scale 1, unit-variance q/k/v (Gemma 4 "
+        f"normalises q and k). Error = largest difference "
         f"to a float32 reference over its largest magnitude. Chosen for fast/compile: "
         f"**{choice}**.",
         "",

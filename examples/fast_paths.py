@@ -173,6 +173,93 @@ def compile_decoder_layers(
 # ------------------------------------------------------------ attention of wide heads
 
 
+def _matmul_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Batched a @ b with float32 results: on the GPU straight from bf16/fp16 tensor cores
+    (`out_dtype`, which has no autograd formula: used inside ChunkedCausalAttention only)."""
+    if a.is_cuda and a.dtype in (torch.bfloat16, torch.float16):
+        return torch.bmm(a, b, out_dtype=torch.float32)
+    return torch.bmm(a.float(), b.float())
+
+
+def _chunk_probabilities(q3, k3, scale, start, lse=None):
+    """Scores of queries [start, start + rows) (stacked by GQA group) against keys [0, stop):
+    float32, future keys at -inf; softmax probabilities by `lse` (computed when None)."""
+    groups_rows, stop = q3.shape[1], k3.shape[1]
+    rows = stop - start
+    scores = _matmul_f32(q3, k3.transpose(1, 2)) * scale
+    positions = torch.arange(start, stop, device=q3.device).repeat(groups_rows // rows)
+    future = torch.arange(stop, device=q3.device)[None, :] > positions[:, None]
+    scores = scores.masked_fill(future, -torch.inf)
+    if lse is None:
+        lse = torch.logsumexp(scores, dim=-1)
+    return torch.exp(scores - lse[..., None]), lse
+
+
+class ChunkedCausalAttention(torch.autograd.Function):
+    """Causal attention by matmuls, a chunk of queries at a time, flash-style: float32
+    scores and softmax, bf16 probabilities into P @ V; backward recomputes each chunk's
+    probabilities from the saved log-sum-exp, so no (queries x keys) tensor outlives its
+    chunk. q (B, H, S, D), k/v (B, KV, S, D) with H a multiple of KV (GQA, not copied)."""
+
+    @staticmethod
+    def forward(ctx, query, key, value, scale, chunk):  # type: ignore[override]
+        batch, heads, length, dim = query.shape
+        kv_heads = key.shape[1]
+        groups = heads // kv_heads
+        k3 = key.reshape(batch * kv_heads, length, dim)
+        v3 = value.reshape(batch * kv_heads, length, dim)
+        out = torch.empty_like(query)
+        lse_all = query.new_empty((batch, heads, length), dtype=torch.float32)
+        for start in range(0, length, chunk):
+            stop = min(length, start + chunk)
+            rows = stop - start
+            q3 = query[:, :, start:stop].reshape(batch * kv_heads, groups * rows, dim)
+            probs, lse = _chunk_probabilities(q3, k3[:, :stop], scale, start)
+            o3 = torch.bmm(probs.to(value.dtype), v3[:, :stop])
+            out[:, :, start:stop] = o3.view(batch, heads, rows, dim)
+            lse_all[:, :, start:stop] = lse.view(batch, heads, rows)
+        ctx.save_for_backward(query, key, value, out, lse_all)
+        ctx.scale, ctx.chunk = scale, chunk
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):  # type: ignore[override]
+        query, key, value, out, lse_all = ctx.saved_tensors
+        scale, chunk = ctx.scale, ctx.chunk
+        batch, heads, length, dim = query.shape
+        kv_heads = key.shape[1]
+        groups = heads // kv_heads
+        k3 = key.reshape(batch * kv_heads, length, dim)
+        v3 = value.reshape(batch * kv_heads, length, dim)
+        grad_q = torch.empty_like(query)
+        grad_k = torch.zeros(k3.shape, dtype=torch.float32, device=key.device)
+        grad_v = torch.zeros(v3.shape, dtype=torch.float32, device=value.device)
+        for start in range(0, length, chunk):
+            stop = min(length, start + chunk)
+            rows = stop - start
+
+            def stacked(t: torch.Tensor, start=start, stop=stop, rows=rows) -> torch.Tensor:
+                return t[:, :, start:stop].reshape(batch * kv_heads, groups * rows, -1)
+
+            q3, do3 = stacked(query), stacked(grad_out.to(query.dtype))
+            lse = stacked(lse_all[..., None])[..., 0]
+            probs, _ = _chunk_probabilities(q3, k3[:, :stop], scale, start, lse)
+            grad_v[:, :stop] += _matmul_f32(probs.to(value.dtype).transpose(1, 2), do3)
+            grad_probs = _matmul_f32(do3, v3[:, :stop].transpose(1, 2))
+            delta = (do3.float() * stacked(out).float()).sum(-1, keepdim=True)
+            grad_scores = (probs * (grad_probs - delta) * scale).to(query.dtype)
+            grad_q3 = _matmul_f32(grad_scores, k3[:, :stop])
+            grad_q[:, :, start:stop] = grad_q3.view(batch, heads, rows, dim).to(query.dtype)
+            grad_k[:, :stop] += _matmul_f32(grad_scores.transpose(1, 2), q3)
+        return (
+            grad_q,
+            grad_k.view(key.shape).to(key.dtype),
+            grad_v.view(value.shape).to(value.dtype),
+            None,
+            None,
+        )
+
+
 def chunked_causal_attention(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -180,28 +267,9 @@ def chunked_causal_attention(
     scale: float,
     chunk: int = 1024,
 ) -> torch.Tensor:
-    """Causal attention by plain matmuls, `chunk` queries at a time; (B, H, S, D) in and out.
-
-    Scores and probabilities of a chunk exist at once ((B, H, chunk, keys so far), float32
-    softmax), each chunk only against the keys it may see. Key/value heads are shared by
-    groups of query heads (GQA) without being copied: the queries of a group are stacked."""
-    batch, heads, length, dim = query.shape
-    kv_heads = key.shape[1]
-    groups = heads // kv_heads
-    outputs = []
-    for start in range(0, length, chunk):
-        stop = min(length, start + chunk)
-        rows = stop - start
-        q = query[:, :, start:stop].reshape(batch, kv_heads, groups * rows, dim)
-        k, v = key[:, :, :stop], value[:, :, :stop]
-        scores = torch.matmul(q, k.transpose(-1, -2)).float() * scale
-        positions = torch.arange(start, stop, device=query.device)
-        future = torch.arange(stop, device=query.device)[None, :] > positions[:, None]
-        scores = scores.view(batch, kv_heads, groups, rows, stop).masked_fill(future, -torch.inf)
-        probs = torch.softmax(scores, dim=-1).to(value.dtype).view(batch, kv_heads, -1, stop)
-        out = torch.matmul(probs, v).view(batch, kv_heads, groups, rows, dim)
-        outputs.append(out.reshape(batch, heads, rows, dim))
-    return torch.cat(outputs, dim=2)
+    """Causal attention by matmuls, `chunk` queries at a time; (B, H, S, D) in and out
+    (ChunkedCausalAttention). Memory beyond inputs and output: one chunk's float32 scores."""
+    return ChunkedCausalAttention.apply(query, key, value, scale, chunk)
 
 
 @functools.cache
@@ -221,11 +289,27 @@ def _causal_block_mask(length: int, device: str) -> Any:
     return create_block_mask(causal, None, None, length, length, device=device)
 
 
+# FlexAttention's default tiles keep Q, K and V blocks in shared memory; at head_dim 512
+# they do not fit (out of resource: shared memory), so wide heads take small tiles, one stage.
+FLEX_WIDE_OPTIONS = {
+    "fwd_BLOCK_M": 32,
+    "fwd_BLOCK_N": 32,
+    "bwd_BLOCK_M1": 16,
+    "bwd_BLOCK_N1": 32,
+    "bwd_BLOCK_M2": 32,
+    "bwd_BLOCK_N2": 16,
+    "num_stages": 1,
+}
+
+
 def flex_causal_attention(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float
 ) -> torch.Tensor:
     mask = _causal_block_mask(query.shape[2], str(query.device))
-    return _compiled_flex()(query, key, value, block_mask=mask, scale=scale, enable_gqa=True)
+    options = FLEX_WIDE_OPTIONS if query.shape[-1] > 256 else None
+    return _compiled_flex()(
+        query, key, value, block_mask=mask, scale=scale, enable_gqa=True, kernel_options=options
+    )
 
 
 SDPA_BACKENDS = {
