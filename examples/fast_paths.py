@@ -195,6 +195,16 @@ def _chunk_probabilities(q3, k3, scale, start, lse=None):
     return torch.exp(scores - lse[..., None]), lse
 
 
+def _grouped(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor):
+    """(query shape, key/value heads, query heads per key head, keys and values as
+    (batch x key heads, length, dim))."""
+    batch, heads, length, dim = query.shape
+    kv_heads = key.shape[1]
+    k3 = key.reshape(batch * kv_heads, length, dim)
+    v3 = value.reshape(batch * kv_heads, length, dim)
+    return query.shape, kv_heads, heads // kv_heads, k3, v3
+
+
 class ChunkedCausalAttention(torch.autograd.Function):
     """Causal attention by matmuls, a chunk of queries at a time, flash-style: float32
     scores and softmax, bf16 probabilities into P @ V; backward recomputes each chunk's
@@ -203,11 +213,7 @@ class ChunkedCausalAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, query, key, value, scale, chunk):  # type: ignore[override]
-        batch, heads, length, dim = query.shape
-        kv_heads = key.shape[1]
-        groups = heads // kv_heads
-        k3 = key.reshape(batch * kv_heads, length, dim)
-        v3 = value.reshape(batch * kv_heads, length, dim)
+        (batch, heads, length, dim), kv_heads, groups, k3, v3 = _grouped(query, key, value)
         out = torch.empty_like(query)
         lse_all = query.new_empty((batch, heads, length), dtype=torch.float32)
         for start in range(0, length, chunk):
@@ -226,11 +232,7 @@ class ChunkedCausalAttention(torch.autograd.Function):
     def backward(ctx, grad_out):  # type: ignore[override]
         query, key, value, out, lse_all = ctx.saved_tensors
         scale, chunk = ctx.scale, ctx.chunk
-        batch, heads, length, dim = query.shape
-        kv_heads = key.shape[1]
-        groups = heads // kv_heads
-        k3 = key.reshape(batch * kv_heads, length, dim)
-        v3 = value.reshape(batch * kv_heads, length, dim)
+        (batch, heads, length, dim), kv_heads, groups, k3, v3 = _grouped(query, key, value)
         grad_q = torch.empty_like(query)
         grad_k = torch.zeros(k3.shape, dtype=torch.float32, device=key.device)
         grad_v = torch.zeros(v3.shape, dtype=torch.float32, device=value.device)
