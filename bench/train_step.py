@@ -49,6 +49,7 @@ import time
 import traceback
 import warnings
 from collections import Counter
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -631,11 +632,11 @@ def run(args: argparse.Namespace) -> None:
     import torch
 
     versions = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__}
-    for package in ("transformers", "peft", "accelerate", "bitsandbytes", "triton", "liger_kernel"):
+    for package in ("transformers", "peft", "accelerate", "bitsandbytes", "triton", "liger-kernel"):
         try:
-            versions[package] = __import__(package).__version__
-        except (ImportError, AttributeError) as exc:
-            versions[package] = f"missing ({exc})"
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = "not installed"
     results.add({"kind": "environment", **versions, "date": time.strftime("%Y-%m-%d")})
     log(f"environment: {versions}")
 
