@@ -813,7 +813,7 @@ def _loss_lines(runs: dict, length: int) -> list[str]:
         losses = runs.get((config, length), {}).get("losses") or []
         pairs = list(zip(base, losses, strict=False))
         if pairs:
-            worst = max(abs(b - a) / abs(a) for a, b in pairs)
+            worst = max(abs(b - a) / max(abs(a), 1e-12) for a, b in pairs)
             out.append(
                 f"- losses of {config} vs main, first {len(pairs)} steps: largest relative "
                 f"difference {worst:.2%} ({'within' if worst <= 0.01 else 'OUTSIDE'} 1%)"
