@@ -203,7 +203,7 @@ def add_lora(model, args: argparse.Namespace):
     return model, len(wrapped)
 
 
-def use_fast_paths(model, args: argparse.Namespace, cuda: bool) -> tuple[str, list[str]]:
+def use_fast_paths(model, args: argparse.Namespace) -> tuple[str, list[str]]:
     """Switch on the fast paths the arguments ask for: (loss implementation, what is on)."""
     from fast_paths import compile_decoder_layers, use_liger_kernels, use_wide_head_attention
     from qlora_training import liger_problem
@@ -288,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     frozen = freeze_towers(model)
     layers = enable_checkpointing(model)
     model, lora_modules = add_lora(model, args)
-    loss, fast = use_fast_paths(model, args, cuda)
+    loss, fast = use_fast_paths(model, args)
     if is_main_process():
         print(
             f"data: {len(rows)} samples, {tokenized.target_tokens} target tokens, "
