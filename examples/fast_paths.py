@@ -9,9 +9,13 @@ runs them; at 4,096 they are half the GPU time. Three independent remedies:
 - `use_liger_kernels`: liger-kernel's Triton RMSNorm (one kernel forward, one backward) for
   every Gemma4RMSNorm of the language model, the scale-free ones included, and its fused
   GeGLU for every dense MLP, those beside the experts too. liger's own
-  `apply_liger_kernel_to_gemma4_text` leaves the MLP of MoE layers and their three extra
-  norms (`pre_feedforward_layernorm_2`, `post_feedforward_layernorm_1/_2`) and the router's
-  norm alone, i.e. every MLP and a third of the norms of 26B-A4B.
+  `apply_liger_kernel_to_gemma4_text(model=...)` on a loaded model patches only the four
+  standard norms and q/k_norm of a layer and skips the MLP of MoE layers: on 26B-A4B, no
+  MLP and 5 of the 11 norms per layer stay (`pre_feedforward_layernorm_2`,
+  `post_feedforward_layernorm_1/_2`, the router's norm, v_norm). Called before loading it
+  swaps the classes instead (every MLP, the scaled norms; scale-free norms keep PyTorch
+  code inside liger's class) and replaces the model's forward with its own loss, which
+  this example's loss (assistant-only targets, window normalisation) must not lose.
 - `compile_decoder_layers`: regional torch.compile of each decoder layer (one compiled code
   for all layers of a kind), with bitsandbytes' 4-bit matmuls and P13's packed experts left
   out of the graph: Inductor fuses what lies between them.
@@ -26,6 +30,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from itertools import chain
 from types import MethodType
 from typing import Any
 
@@ -117,8 +122,8 @@ def use_liger_kernels(model: torch.nn.Module) -> Undo:
             # hidden state; neither keeps a weight to read the width from.
             parent = modules[name.rsplit(".", 1)[0]]
             width = getattr(parent, "head_dim", None) or parent.hidden_size
-            tensors = (*parent.parameters(), *parent.buffers(), *model.parameters())
-            device = tensors[0].device if tensors else None
+            anchor = next(chain(parent.parameters(), parent.buffers(), model.parameters()), None)
+            device = anchor.device if anchor is not None else None
             norm.register_buffer(
                 "_stackpatch_unit_scale", torch.ones(width, device=device), persistent=False
             )
