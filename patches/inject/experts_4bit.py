@@ -212,9 +212,11 @@ def route(top_k_index: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, to
     """Sort (token, k) pairs by expert: the permutation and the int32 end offset of each expert.
 
     The end offset of expert e is the number of sorted ids <= e, found by binary search. Not
-    `bincount` + `cumsum`: CUDA's bincount reads the largest id back to the host to size its
-    output, a device synchronisation in every MoE layer (60 per training step at 26B-A4B,
-    forward and checkpointed recompute), which keeps the host from queueing ahead of the GPU.
+    `bincount` + `cumsum`: CUDA's bincount copies the smallest id to the host (a negative
+    check) and reads the largest back (to size its output), two device synchronisations in
+    every MoE layer (120 per training step at 26B-A4B, forward and checkpointed recompute:
+    all but 4 of the step's cudaStreamSynchronize), which keep the host from queueing ahead
+    of the GPU.
     """
     expert_ids = top_k_index.reshape(-1)
     sorted_ids, perm = torch.sort(expert_ids, stable=True)
