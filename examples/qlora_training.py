@@ -7,9 +7,17 @@
   `chunked_lm_loss` sums cross-entropy over target tokens only, in checkpointed chunks (the
   logits never exist at full size), and divides by the target tokens of the whole
   accumulation window (all ranks), which the Trainer counts.
+  With liger-kernel installed, `fused_lm_loss` does the same with liger's fused linear
+  cross-entropy (the softcap and the cross-entropy gradient in one Triton kernel per chunk,
+  the gradient computed in forward, so no chunk is recomputed in backward).
 - Non-finite steps. The Trainer filters NaN losses out of its logs but still steps the
   optimizer on NaN gradients. `NonFiniteGuard` drops such a step and counts it.
 - Progress and the JSONL log: loss, learning rate, tokens/s and GPU memory.
+
+Device synchronisations: every `.item()`, every `bool()` of a GPU tensor and every boolean-mask
+index makes the host wait for the GPU, so it cannot queue the next kernels while the GPU runs.
+The loss takes one (selecting the target tokens: their count sizes the chunks), the guard one
+per optimizer step, the token count one per logged step (`count_tokens_on_device`).
 """
 
 from __future__ import annotations
@@ -40,6 +48,18 @@ def _chunk_loss(
     return F.cross_entropy(logits, targets, reduction="sum")
 
 
+def _target_states(hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(final-norm states, next-token targets) of the target tokens only, flattened.
+
+    Boolean-mask indexing reads the number of targets back from the GPU (one device sync);
+    computing the logits of prompt tokens too would avoid it at the cost of LM-head work on
+    tokens that have no loss, which is the larger cost for chat data."""
+    targets = labels[:, 1:].reshape(-1)
+    states = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+    keep = targets != IGNORE_INDEX
+    return states[keep], targets[keep]
+
+
 def chunked_lm_loss(
     hidden: torch.Tensor,
     labels: torch.Tensor,
@@ -54,10 +74,7 @@ def chunked_lm_loss(
     with the inputs (shifted here); `weight` is the LM head. Each chunk's logits are recomputed
     in backward, so at most one chunk of float32 logits is alive.
     """
-    targets = labels[:, 1:].reshape(-1)
-    states = hidden[:, :-1].reshape(-1, hidden.shape[-1])
-    keep = targets != IGNORE_INDEX
-    states, targets = states[keep], targets[keep]
+    states, targets = _target_states(hidden, labels)
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, targets.numel(), chunk):
         total = total + checkpoint(
@@ -69,6 +86,70 @@ def chunked_lm_loss(
             use_reentrant=False,
         )
     return total / num_items
+
+
+def liger_chunk_budget(tokens: int, vocab: int, hidden: int, chunk: int) -> int:
+    """liger's `chunk_mem_const` that keeps its chunks at or under `chunk` tokens.
+
+    liger sizes a chunk as next_pow2(ceil(tokens / ceil(vocab / (budget * hidden)))); its
+    default budget of 1 makes chunks of ~tokens/93 rows at Gemma 4's vocabulary (many small
+    GEMMs); `chunk` rows of logits is what chunked_lm_loss holds too."""
+    pieces = -(-tokens // chunk)
+    return max(1, vocab // (hidden * pieces))
+
+
+def fused_lm_loss(
+    hidden: torch.Tensor,
+    labels: torch.Tensor,
+    weight: torch.Tensor,
+    softcap: float | None,
+    num_items: torch.Tensor | int,
+    chunk: int = LOSS_CHUNK_TOKENS,
+) -> torch.Tensor:
+    """`chunked_lm_loss` by liger-kernel's fused linear cross-entropy (CUDA only).
+
+    Same sum over target tokens with the same softcap, divided by `num_items`. liger computes
+    the input gradient during forward, chunk by chunk, and keeps only that (tokens x hidden)
+    for backward: no float32 logits, no recomputation. It reads the target count back once
+    more (`.item()`) and compares the incoming gradient with 1 in backward (another sync)."""
+    from liger_kernel.ops import LigerFusedLinearCrossEntropyFunction
+
+    states, targets = _target_states(hidden, labels)
+    if targets.numel() == 0:  # nothing to learn here: a zero that still reaches the graph
+        return hidden.sum() * 0.0
+    budget = liger_chunk_budget(targets.numel(), weight.shape[0], weight.shape[1], chunk)
+    total = LigerFusedLinearCrossEntropyFunction.apply(
+        states.contiguous(),
+        weight,
+        targets,
+        None,  # bias
+        None,  # class weights
+        IGNORE_INDEX,
+        0.0,  # z-loss scale
+        0.0,  # label smoothing
+        "sum",
+        softcap or None,
+        False,  # return z-loss
+        None,  # accumulation dtype
+        False,  # token scaling
+        False,  # return accuracy
+        False,  # return predictions
+        None,  # implementation
+        None,  # mode
+        budget,
+    )[0]
+    return total / num_items
+
+
+def liger_problem() -> str | None:
+    """Why liger-kernel cannot serve here, or None when it can."""
+    try:
+        import liger_kernel  # noqa: F401
+    except ImportError:
+        return "liger-kernel is not installed (pip install liger-kernel==0.8.5)"
+    if not torch.cuda.is_available():
+        return "liger-kernel's Triton kernels need a GPU"
+    return None
 
 
 @contextmanager
@@ -95,14 +176,68 @@ def language_model_parts(model: torch.nn.Module) -> tuple[torch.nn.Module, torch
     return decoder.norm, base.get_output_embeddings(), text_config
 
 
-class Gemma4QLoRATrainer(Trainer):
-    """Trainer with the chunked, correctly normalised loss."""
+LOSSES = {"chunked": chunked_lm_loss, "liger": fused_lm_loss}
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+
+class Gemma4QLoRATrainer(Trainer):
+    """Trainer with the chunked, correctly normalised loss.
+
+    `loss` picks the loss implementation (LOSSES). `count_tokens_on_device` replaces the
+    Trainer's `include_num_input_tokens_seen`, which reads each micro-batch's token count back
+    from the GPU (one sync per micro-batch): the count stays on the device and is read once
+    per logged step, just before the log is written (set include_num_input_tokens_seen="no"
+    with it; `state.num_input_tokens_seen` is then current at every log, and so at every
+    checkpoint saved on a logging step). With `logging_nan_inf_filter=False` the Trainer no
+    longer reads every micro-batch loss back to filter NaN/inf out of its logs (two syncs per
+    micro-batch); training_step then logs a non-finite micro-batch loss as the last finite
+    one, on the device (NonFiniteGuard still drops the step and counts it).
+    """
+
+    def __init__(
+        self,
+        *args: Any,
+        loss: str = "chunked",
+        count_tokens_on_device: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        if loss not in LOSSES:
+            raise ValueError(f"loss {loss!r}: expected one of {', '.join(LOSSES)}")
         super().__init__(*args, **kwargs)
         # compute_loss divides by the window's target tokens itself: the Trainer must not
         # divide by the accumulation steps again.
         self.model_accepts_loss_kwargs = True
+        self.loss_function_name = loss
+        self.count_tokens_on_device = count_tokens_on_device
+        self._unlogged_tokens: torch.Tensor | None = None
+        self._last_finite_loss: torch.Tensor | None = None
+
+    def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if self.args.logging_nan_inf_filter:
+            return loss  # the Trainer filters, reading the loss back
+        if self._last_finite_loss is None:
+            self._last_finite_loss = torch.zeros_like(loss)
+        finite = torch.isfinite(loss)
+        self._last_finite_loss = torch.where(finite, loss, self._last_finite_loss)
+        return self._last_finite_loss.clone()
+
+    def _count_tokens(self, inputs: dict[str, torch.Tensor]) -> None:
+        mask = inputs.get("attention_mask")
+        seen = mask.sum() if mask is not None else inputs["input_ids"].numel()
+        if self._unlogged_tokens is None:
+            self._unlogged_tokens = torch.zeros((), dtype=torch.int64, device=self.args.device)
+        self._unlogged_tokens += seen
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if self.count_tokens_on_device and self._unlogged_tokens is not None:
+            # One read for all micro-batches since the last log (a collective under DDP:
+            # every rank logs).
+            self.state.num_input_tokens_seen += int(
+                self.accelerator.gather(self._unlogged_tokens).sum().item()
+            )
+            self._unlogged_tokens.zero_()
+            logs["num_input_tokens_seen"] = self.state.num_input_tokens_seen
+        super().log(logs, start_time)
 
     def compute_loss(
         self,
@@ -112,6 +247,8 @@ class Gemma4QLoRATrainer(Trainer):
         num_items_in_batch: torch.Tensor | int | None = None,
     ):
         labels = inputs.pop("labels")
+        if self.count_tokens_on_device and model.training:
+            self._count_tokens(inputs)
         norm, head, text_config = language_model_parts(self.accelerator.unwrap_model(model))
         no_logits = torch.zeros(0, dtype=torch.long, device=labels.device)
         with captured_output(norm) as seen:
@@ -119,7 +256,7 @@ class Gemma4QLoRATrainer(Trainer):
         window_tokens = num_items_in_batch
         if window_tokens is None:
             window_tokens = (labels[:, 1:] != IGNORE_INDEX).sum()
-        loss = chunked_lm_loss(
+        loss = LOSSES[self.loss_function_name](
             seen["output"],
             labels,
             head.weight,
@@ -138,6 +275,23 @@ class Gemma4QLoRATrainer(Trainer):
         return self.accelerator.num_processes // self.get_tp_size()
 
 
+def all_finite(tensors: list[torch.Tensor]) -> bool:
+    """Whether every value of every tensor is finite, with one device sync per device.
+
+    The largest magnitude of each tensor (`_foreach_norm` with ord=inf: a few fused kernels
+    for all of them, where a loop of isfinite().all() costs a kernel and a sync per tensor)
+    is NaN or inf exactly when the tensor holds a NaN or an inf; unlike a 2-norm it cannot
+    overflow on finite values."""
+    by_device: dict[torch.device, list[torch.Tensor]] = {}
+    for tensor in tensors:
+        by_device.setdefault(tensor.device, []).append(tensor)
+    for group in by_device.values():
+        largest = torch.stack([m.float() for m in torch._foreach_norm(group, math.inf)])
+        if not bool(torch.isfinite(largest).all()):
+            return False
+    return True
+
+
 class NonFiniteGuard(TrainerCallback):
     """Skip an optimizer step whose gradients are not finite, and count it."""
 
@@ -146,7 +300,7 @@ class NonFiniteGuard(TrainerCallback):
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
         params = [p for p in model.parameters() if p.grad is not None]
-        if params and not all(torch.isfinite(p.grad).all() for p in params):
+        if params and not all_finite([p.grad for p in params]):
             for p in params:
                 p.grad = None  # optimizers leave parameters without a gradient untouched
             self.skipped += 1

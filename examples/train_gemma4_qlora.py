@@ -22,6 +22,8 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path[:0] = [str(HERE), str(ROOT)]
 
+from fast_paths import WIDE_KERNELS  # noqa: E402  (after the path set-up above)
+
 # Patches the script relies on: text-only batches (P10), for MoE checkpoints the 4-bit experts
 # (P13), and LoRA on them (P15). P12 is not needed: LoRA targets only the language model here.
 NEEDED_ALWAYS = ("P10",)
@@ -60,6 +62,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="also LoRA on the MoE experts (on the packed 4-bit experts; BF16 with --no-4bit)",
     )
     parser.add_argument("--no-4bit", dest="four_bit", action="store_false", help="BF16 base")
+    parser.add_argument(
+        "--liger",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="liger-kernel's RMSNorm, GeGLU and fused linear cross-entropy "
+        "(auto: when installed and on a GPU)",
+    )
+    parser.add_argument(
+        "--compile-layers",
+        action="store_true",
+        help="torch.compile each decoder layer (4-bit matmuls and experts stay eager)",
+    )
+    parser.add_argument(
+        "--wide-attention",
+        choices=("sdpa", *WIDE_KERNELS),
+        default="sdpa",
+        help="attention kernel of the head_dim-512 global layers (sdpa: as PyTorch picks)",
+    )
     parser.add_argument("--save-steps", type=int, default=100)
     parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     parser.add_argument("--seed", type=int, default=0)
@@ -202,6 +222,41 @@ def add_lora(model, args: argparse.Namespace):
     return model, len(wrapped)
 
 
+def optimizer_name(args: argparse.Namespace, cuda: bool) -> str:
+    """The Trainer's optimizer for this run.
+
+    LoRA on attention alone is small (26B-A4B, r16: 11.5 M parameters, 92 MB of float32 Adam
+    states): 8-bit states would save nearly nothing, while bitsandbytes 0.50's optimizer step
+    calls torch.cuda.synchronize() after every parameter (230 syncs a step), so fused AdamW.
+    LoRA on the experts as well is 476 M parameters: float32 Adam states would take 3.8 GB of
+    a 24 GB card, 8-bit paged ones 0.95 GB. FSDP2's DTensors take the plain AdamW."""
+    if using_fsdp() or not cuda:
+        return "adamw_torch"
+    return "paged_adamw_8bit" if args.lora_experts else "adamw_torch_fused"
+
+
+def use_fast_paths(model, args: argparse.Namespace) -> tuple[str, list[str]]:
+    """Switch on the fast paths the arguments ask for: (loss implementation, what is on)."""
+    from fast_paths import compile_decoder_layers, use_liger_kernels, use_wide_head_attention
+    from qlora_training import liger_problem
+
+    on = []
+    problem = liger_problem()
+    if args.liger == "on" and problem:
+        fail(f"--liger on: {problem}")
+    liger = args.liger == "on" or (args.liger == "auto" and problem is None)
+    if liger:
+        undo = use_liger_kernels(model)
+        on.append(f"liger on {undo.count} norms/MLPs + fused loss")
+    if args.wide_attention != "sdpa":
+        use_wide_head_attention(model, args.wide_attention)
+        on.append(f"{args.wide_attention} attention on head_dim 512")
+    if args.compile_layers:
+        undo = compile_decoder_layers(model)
+        on.append(f"compiled {undo.count} decoder layers")
+    return ("liger" if liger else "chunked"), on
+
+
 def build_dataset(args: argparse.Namespace, tokenizer):
     from chat_data import DataProblem, load_conversations, tokenize_conversations
 
@@ -262,6 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     frozen = freeze_towers(model)
     layers = enable_checkpointing(model)
     model, lora_modules = add_lora(model, args)
+    loss, fast = use_fast_paths(model, args)
     if is_main_process():
         print(
             f"data: {len(rows)} samples, {tokenized.target_tokens} target tokens, "
@@ -271,6 +327,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{f'experts 4-bit in {packed}/{experts} layers, ' if moe and args.four_bit else ''}"
             f"{frozen} tower tensors frozen, checkpointing on {layers} layers, "
             f"LoRA on {lora_modules} modules"
+            f"{'; ' + ', '.join(fast) if fast else ''}"
         )
 
     guard = NonFiniteGuard()
@@ -285,9 +342,7 @@ def main(argv: list[str] | None = None) -> int:
         lr_scheduler_type="cosine",
         warmup_steps=args.warmup,
         max_grad_norm=1.0,
-        # bitsandbytes' optimizers have no DTensor support, which FSDP2 needs; the LoRA
-        # parameters are small enough that plain AdamW costs little there.
-        optim="paged_adamw_8bit" if cuda and not using_fsdp() else "adamw_torch",
+        optim=optimizer_name(args, cuda),
         bf16=cuda,
         logging_steps=1,
         save_strategy="steps",
@@ -296,7 +351,11 @@ def main(argv: list[str] | None = None) -> int:
         report_to=[],
         disable_tqdm=True,
         remove_unused_columns=False,
-        include_num_input_tokens_seen="non_padding",
+        # Counted on the device and read once per log (Gemma4QLoRATrainer), and non-finite
+        # losses kept out of the logs on the device: the Trainer's own ways read each
+        # micro-batch back from the GPU (three syncs).
+        include_num_input_tokens_seen="no",
+        logging_nan_inf_filter=False,
         ddp_find_unused_parameters=True,
         seed=args.seed,
         use_cpu=not cuda,
@@ -307,6 +366,8 @@ def main(argv: list[str] | None = None) -> int:
         train_dataset=rows,
         data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
         callbacks=[guard, ProgressLog(log_path, guard)],
+        loss=loss,
+        count_tokens_on_device=True,
     )
     trainer.remove_callback(PrinterCallback)  # ProgressLog shows and logs the same
     if cuda:

@@ -180,10 +180,17 @@ class Instrumented:
 def main() -> int:
     args = adapter_arguments(__doc__.splitlines()[0], optimizers=("paged_adamw8bit",)).parse_args()
     lengths = parse_lengths(args.lengths)
+    import torch
+    import train_gemma4_qlora as example
+
+    # The example's own choice: fused AdamW for attention LoRA, paged 8-bit with the experts.
+    optimizer = example.optimizer_name(
+        example.parse_args(example_argv(args, lengths[0])), torch.cuda.is_available()
+    )
     settings = {
         "script": "examples/train_gemma4_qlora.py main(), one call per length",
         "argv_first_length": example_argv(args, lengths[0]),
-        "optimizer": "paged_adamw_8bit (the example's)",
+        "optimizer": f"{optimizer} (the example's)",
         "gradient_checkpointing": "non-reentrant (the example's)",
         "steps": args.steps,
         "lengths": lengths,
@@ -191,7 +198,6 @@ def main() -> int:
     process = Process("stackpatch", args.row, settings)
     process.start()
     import qlora_training
-    import train_gemma4_qlora as example
 
     wrappers = Instrumented(process, example, qlora_training)
     for length in lengths:
@@ -213,7 +219,7 @@ def main() -> int:
             error,
             tokens_sha256=wrappers.rows_sha256,
             same_tokens_as_peers=wrappers.rows_sha256 == expected,
-            optimizer="paged_adamw_8bit",
+            optimizer=optimizer,
             autocast_bf16=process.cuda,
         )
         deadline = isinstance(error, DeadlineReached)

@@ -5,6 +5,7 @@ Runs inside the stack venvs (tests/test_torch_suite.py) with a P13-patched trans
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 
@@ -164,3 +165,89 @@ def test_non_finite_gradients_skip_the_step() -> None:
     model.weight.grad[0, 0] = float("nan")
     guard.on_pre_optimizer_step(None, None, None, model=model)
     assert guard.skipped == 1 and model.weight.grad is None and model.bias.grad is None
+
+
+def test_all_finite_finds_nan_and_inf_in_any_tensor() -> None:
+    from qlora_training import all_finite
+
+    tensors = [torch.randn(3, 4), torch.ones(2, dtype=torch.bfloat16), torch.full((5,), 3e38)]
+    assert all_finite(tensors)  # huge but finite: the largest magnitude does not overflow
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        broken = [t.clone() for t in tensors]
+        broken[1][1] = bad
+        assert not all_finite(broken)
+
+
+@pytest.mark.parametrize("tokens", [1, 300, 1024, 1025, 3072, 5000])
+def test_liger_chunks_stay_within_the_loss_chunk(tokens: int) -> None:
+    """liger's chunk size for the budget we pass (its formula, fused_linear_cross_entropy.py
+    of liger-kernel 0.8.5) never exceeds the chunked loss's 1,024 rows at 26B-A4B's shapes."""
+    from qlora_training import LOSS_CHUNK_TOKENS, liger_chunk_budget
+
+    vocab, hidden = 262144, 2816
+    budget = liger_chunk_budget(tokens, vocab, hidden, LOSS_CHUNK_TOKENS)
+    pieces = -(-vocab // (budget * hidden))
+    chunk = min(1 << (-(-tokens // pieces) - 1).bit_length(), tokens)
+    assert 1 <= chunk <= LOSS_CHUNK_TOKENS
+    assert chunk >= min(tokens, LOSS_CHUNK_TOKENS) // 2  # not the default's ~tokens/93
+
+
+def test_trainer_counts_tokens_on_the_device_and_logs_nan_as_the_last_finite_loss(
+    tmp_path, monkeypatch
+) -> None:
+    """count_tokens_on_device gives the Trainer's own token count; with the Trainer's NaN
+    filter off, a NaN micro-batch loss is logged as the last finite one and the guard skips
+    its step."""
+    import qlora_training
+    from qlora_training import Gemma4QLoRATrainer
+    from tiny_gemma4 import multimodal_config
+    from transformers import Gemma4ForConditionalGeneration, TrainingArguments
+
+    torch.manual_seed(0)
+    model = Gemma4ForConditionalGeneration(multimodal_config())
+    lengths = (9, 12, 7, 10)
+    rows = []
+    for n in lengths:
+        ids = torch.randint(5, 500, (n,)).tolist()
+        rows.append({"input_ids": ids, "labels": [IGNORE_INDEX] * 3 + ids[3:]})
+    calls = []
+    real_loss = qlora_training.LOSSES["chunked"]
+
+    def nan_on_third(*args, **kwargs):
+        calls.append(1)
+        loss = real_loss(*args, **kwargs)
+        return loss * float("nan") if len(calls) == 3 else loss
+
+    monkeypatch.setitem(qlora_training.LOSSES, "chunked", nan_on_third)
+    guard = NonFiniteGuard()
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=1,
+        max_steps=4,
+        learning_rate=1e-3,
+        logging_steps=1,
+        report_to=[],
+        save_strategy="no",
+        disable_tqdm=True,
+        use_cpu=True,
+        include_num_input_tokens_seen="no",
+        logging_nan_inf_filter=False,
+        remove_unused_columns=False,
+    )
+    tokenizer = build_tokenizer(WORDS)
+    trainer = Gemma4QLoRATrainer(
+        model=model,
+        args=args,
+        train_dataset=rows,
+        data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
+        callbacks=[guard],
+        count_tokens_on_device=True,
+    )
+    trainer.train()
+    losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
+    seen = [r["num_input_tokens_seen"] for r in trainer.state.log_history if "loss" in r]
+    assert trainer.state.num_input_tokens_seen == sum(lengths)
+    steps = [b - a for a, b in zip([0, *seen], seen, strict=False)]
+    assert sorted(steps) == sorted(lengths)  # one sample per step, in the order drawn
+    assert all(map(math.isfinite, losses)) and losses[2] == losses[1]
+    assert guard.skipped == 1

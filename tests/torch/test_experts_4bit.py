@@ -15,6 +15,7 @@ from patches.inject.experts_4bit import (
     dequantize_experts,
     experts_4bit_forward,
     pack_experts,
+    route,
 )
 
 EXPERTS, HIDDEN, INTERMEDIATE, TOP_K, TOKENS = 8, 64, 32, 2, 48
@@ -139,3 +140,31 @@ def test_backward_keeps_no_dequantized_weights(experts) -> None:
 def test_misaligned_blocks_are_refused() -> None:
     with pytest.raises(ValueError, match="straddle experts"):
         pack_experts(torch.randn(4, 3, 5, dtype=torch.bfloat16), blocksize=64)
+
+
+@pytest.mark.parametrize(
+    "ids",
+    [
+        [[3, 0], [3, 5], [5, 5], [1, 7]],  # some experts without tokens, the last one used
+        [[2, 2], [2, 2]],  # every pair on one expert
+        [[0, 1], [2, 3], [4, 5], [6, 7]],  # one pair per expert
+    ],
+)
+def test_route_sorts_pairs_by_expert_and_ends_each_expert(ids: list[list[int]]) -> None:
+    """The offsets are the cumulative per-expert counts (what grouped GEMM needs), the
+    permutation is the stable sort of the flattened (token, k) pairs."""
+    index = torch.tensor(ids)
+    perm, ends = route(index, EXPERTS)
+    flat = index.reshape(-1)
+    expected_ends = torch.cumsum(torch.bincount(flat, minlength=EXPERTS), 0).to(torch.int32)
+    assert ends.dtype == torch.int32 and torch.equal(ends, expected_ends)
+    assert torch.equal(perm, torch.sort(flat, stable=True).indices)
+    assert torch.equal(flat[perm], torch.sort(flat).values)
+
+
+def test_route_of_a_random_routing_matches_counting() -> None:
+    generator = torch.Generator().manual_seed(5)
+    index = torch.topk(torch.rand(300, 128, generator=generator), 8).indices
+    _, ends = route(index, 128)
+    counts = torch.bincount(index.reshape(-1), minlength=128)
+    assert torch.equal(ends, torch.cumsum(counts, 0).int())
