@@ -142,17 +142,22 @@ class Instrumented:
 
         wrappers = self
 
+        # Tokens of the micro-batches since the last optimizer step, counted on the host from
+        # the batches' shapes (every benchmark row is exactly one length long, batch 1, no
+        # padding): the example counts them on the device and reads the count only when it
+        # logs, which would attribute each step's tokens to the next.
+        pending = [0]
+
         class StepTimes(TrainerCallback):
             def on_train_begin(self, args, state, control, **kwargs):
                 wrappers.process.reset_peaks()
-                self.seen = int(state.num_input_tokens_seen)
+                pending[0] = 0
                 wrappers.clock.start()
                 return control
 
             def on_step_end(self, args, state, control, **kwargs):
-                seen = int(state.num_input_tokens_seen)
-                wrappers.clock.step_end(seen - self.seen)
-                self.seen = seen
+                wrappers.clock.step_end(pending[0])
+                pending[0] = 0
                 return control
 
             def on_log(self, args, state, control, logs=None, **kwargs):
@@ -164,6 +169,10 @@ class Instrumented:
             def __init__(self, *args: Any, **kwargs: Any) -> None:
                 super().__init__(*args, **kwargs)
                 self.add_callback(StepTimes())
+
+            def training_step(self, model, inputs, *args: Any, **kwargs: Any):
+                pending[0] += inputs["input_ids"].numel()
+                return super().training_step(model, inputs, *args, **kwargs)
 
             def _get_train_sampler(self, train_dataset=None):
                 return torch.utils.data.SequentialSampler(train_dataset or self.train_dataset)
