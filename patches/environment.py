@@ -43,6 +43,13 @@ class Environment:
         dist = self.distributions.get(package)
         return None if dist is None else dist.location / relative
 
+    def manifest_key(self, path: Path) -> str:
+        """How the manifest names a file: relative to site-packages when it lies there."""
+        try:
+            return path.relative_to(self.site_packages).as_posix()
+        except ValueError:
+            return path.as_posix()
+
     def versions(self) -> dict[str, str]:
         return {name: d.version for name, d in sorted(self.distributions.items())}
 
