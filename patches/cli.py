@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import traceback
 from collections.abc import Sequence
 
 from patches import __version__, quick_verify
@@ -118,6 +117,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except Exception as exc:  # a traceback is a bug: say so in one line, show it on request
         if os.environ.get("STACKPATCH_DEBUG"):
+            import traceback  # here: most runs never need it, and --verify -q counts every ms
+
             traceback.print_exc()
         print(
             f"error: internal error ({exc.__class__.__name__}: {exc}); nothing further was "

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,6 +65,8 @@ def _from_probe(data: dict) -> Environment:
 
 
 def _run_probe(python: str, packages: list[str]) -> dict:
+    import subprocess  # here, not above: --verify -q on this interpreter never needs it
+
     try:
         completed = subprocess.run(
             [python, probe.__file__, *packages],

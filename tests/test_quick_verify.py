@@ -8,6 +8,7 @@ engine, and in a subprocess where libcst, rich and the catalog's modules cannot 
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import shutil
 import subprocess
@@ -18,7 +19,7 @@ from pathlib import Path
 import pytest
 from conftest import FIXTURES, run_cli_process, write_distribution, write_synthetic_site
 
-from patches import __version__, quick_verify
+from patches import __version__, probe, quick_verify
 from patches.declared import UndeclaredPatch, read_catalog
 from patches.environment import locate
 from patches.plan import make_plan
@@ -324,3 +325,40 @@ def test_the_library_call_imports_neither_libcst_nor_rich(tmp_path: Path) -> Non
     code, out, tried = blocked_run("libcst,rich,catalog", "api", python)
     assert (code, tried) == (0, [])
     assert out.startswith("problem: P10 [transformers 5.5.4] drifted:")
+
+
+# --- the probe reads versions without importlib.metadata ---------------------------------
+
+
+def _importlib_metadata(names: list[str], search: list[str]) -> dict[str, dict[str, str]]:
+    found = {}
+    for name in names:
+        dist = next(iter(importlib.metadata.distributions(name=name, path=search)), None)
+        if dist is not None:
+            found[name] = {"version": dist.version, "location": str(dist.locate_file(""))}
+    return found
+
+
+def test_probe_finds_what_importlib_metadata_finds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # This interpreter's distributions, and odd ones: a name written with other separators
+    # and case, an egg-info folder, an egg-info file, a dist-info without METADATA.
+    (tmp_path / "Foo_Bar-1.2.dist-info").mkdir()
+    (tmp_path / "Foo_Bar-1.2.dist-info" / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: Foo_Bar\nVersion: 1.2\n\nVersion: not a header\n"
+    )
+    (tmp_path / "legacy-0.3-py3.9.egg-info").mkdir()
+    (tmp_path / "legacy-0.3-py3.9.egg-info" / "PKG-INFO").write_text("Name: legacy\nVersion: 0.3\n")
+    (tmp_path / "single-4.0.egg-info").write_text("Metadata-Version: 1.0\nVersion: 4.0\n")
+    (tmp_path / "empty-1.0.dist-info").mkdir()
+    installed = sorted({d.metadata["Name"] for d in importlib.metadata.distributions()})
+    assert len(installed) > 5
+    names = [*installed, "foo.bar", "FOO-bar", "legacy", "single", "empty", "not-installed"]
+    search = [str(tmp_path), *sys.path]
+    expected = _importlib_metadata(names, search)
+    assert expected["foo.bar"]["version"] == "1.2" and "not-installed" not in expected
+    # The scan alone (no importlib.metadata) finds every one that has a version.
+    assert probe._scan(names, search) == {n: d for n, d in expected.items() if d["version"]}
+    monkeypatch.setattr(sys, "path", search)
+    assert probe.probe(names)["distributions"] == expected

@@ -1,0 +1,166 @@
+"""Wall time of `--verify -q`, `--verify` and `--check` on the real oldest stack, patched.
+
+    python bench/cli_timing.py [--runs 15] [--out bench/results/cli_timing.md]
+
+Builds a venv layered over the cached oldest stack (tests/conftest.py: layered_env, so the
+cache itself is never patched: the venv owns copies of transformers, peft and bitsandbytes),
+applies every recommended patch with `--apply`, then runs each command `--runs` times with
+that venv's interpreter, interleaved with a bare `python -c pass` so that a busy machine
+slows all of them alike. Reports the median and fastest wall time of each, the ratio of the
+medians to `python -c pass`, and from `python -X importtime` what each command's imports cost.
+A benchmark, not a test: nothing here asserts a time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+
+from conftest import STACKS, layered_env  # noqa: E402  (after the path is set)
+
+from patches.store import atomic_write  # noqa: E402
+
+CLI = str(ROOT / "apply_patches.py")
+COMMANDS = {
+    "python -c pass": ["-c", "pass"],
+    "--verify -q": [CLI, "--verify", "-q"],
+    "--verify": [CLI, "--verify"],
+    "--check": [CLI, "--check"],
+}
+TARGETS = {"--verify -q": 0.3, "--check": 2.0}
+
+
+def wall(python: Path, argv: list[str], expect: int = 0) -> float:
+    start = time.perf_counter()
+    completed = subprocess.run([str(python), *argv], capture_output=True, text=True, cwd=ROOT)
+    elapsed = time.perf_counter() - start
+    if completed.returncode != expect:
+        raise SystemExit(f"{argv}: exit {completed.returncode}: {completed.stderr[-2000:]}")
+    return elapsed
+
+
+def import_profile(python: Path, argv: list[str], top: int) -> tuple[float, list[tuple[str, int]]]:
+    """Seconds spent importing, and the `top` costliest imports the command made itself
+    (the outermost ones, with what they imported in turn)."""
+    completed = subprocess.run(
+        [str(python), "-X", "importtime", *argv], capture_output=True, text=True, cwd=ROOT
+    )
+    total_us, outer = 0, []
+    for line in completed.stderr.splitlines():
+        if not line.startswith("import time:"):
+            continue
+        self_us, cumulative_us, name = line.removeprefix("import time:").split("|")
+        if not self_us.strip().isdigit():
+            continue  # the header line
+        total_us += int(self_us)
+        if len(name) - len(name.lstrip()) == 1:  # nested imports are indented further
+            outer.append((name.strip(), int(cumulative_us)))
+    outer.sort(key=lambda item: -item[1])
+    return total_us / 1e6, outer[:top]
+
+
+def versions(python: Path) -> str:
+    script = (
+        "import importlib.metadata as m, sys\n"
+        "names = ['torch', 'transformers', 'peft', 'bitsandbytes', 'accelerate', 'libcst', "
+        "'rich', 'packaging']\n"
+        "print(f'python {sys.version.split()[0]}; ' + ', '.join(f'{n} {m.version(n)}' "
+        "for n in names))"
+    )
+    return subprocess.run(
+        [str(python), "-c", script], capture_output=True, text=True, check=True
+    ).stdout.strip()
+
+
+def cpu() -> str:
+    model = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor() or "unknown CPU",
+    )
+    return f"{model}, {os.cpu_count()} cores"
+
+
+def commit() -> str:
+    described = subprocess.run(
+        ["git", "describe", "--always", "--dirty"], capture_output=True, text=True, cwd=ROOT
+    )
+    return described.stdout.strip() or "unknown"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=15)
+    parser.add_argument("--out", type=Path, default=ROOT / "bench/results/cli_timing.md")
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory(prefix="stackpatch-cli-timing-") as scratch:
+        python = layered_env("oldest", Path(scratch) / "venv")
+        wall(python, [CLI, "--apply", "-q"])
+        for argv in COMMANDS.values():  # warm the page cache and the bytecode caches
+            wall(python, argv)
+        load_before = os.getloadavg()
+        times: dict[str, list[float]] = {name: [] for name in COMMANDS}
+        for _ in range(args.runs):
+            for name, argv in COMMANDS.items():
+                times[name].append(wall(python, argv))
+        load_after = os.getloadavg()
+        profiles = {name: import_profile(python, argv, 6) for name, argv in COMMANDS.items()}
+        stack = versions(python)
+
+    bare = statistics.median(times["python -c pass"])
+    rows = [
+        "| command | median s | fastest s | median / `python -c pass` | target | imports s |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for name, samples in times.items():
+        median = statistics.median(samples)
+        target = f"≤ {TARGETS[name]} s" if name in TARGETS else "-"
+        rows.append(
+            f"| `{name}` | {median:.3f} | {min(samples):.3f} | {median / bare:.1f}× | {target} "
+            f"| {profiles[name][0]:.3f} |"
+        )
+    lines = [
+        "# CLI wall time on the real oldest stack, every recommended patch applied",
+        "",
+        f"Generated by `python bench/cli_timing.py --runs {args.runs}` on "
+        f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, commit "
+        f"{commit()}.",
+        "",
+        f"- device: {cpu()}; load average {load_before[0]:.2f} before the runs, "
+        f"{load_after[0]:.2f} after",
+        f"- stack (`{' '.join(STACKS['oldest'])}`, a venv layered over the cached one): {stack}",
+        f"- each command {args.runs} times, interleaved, with the venv's interpreter; "
+        "`imports s` is the sum of `python -X importtime`'s self times in one more run",
+        "",
+        *rows,
+        "",
+        "What each command imports at its top level, costliest first (`-X importtime`, "
+        "cumulative ms):",
+        "",
+    ]
+    for name, (_, outer) in profiles.items():
+        shown = ", ".join(f"{module} {us / 1000:.0f}" for module, us in outer)
+        lines.append(f"- `{name}`: {shown}")
+    text = "\n".join(lines) + "\n"
+    atomic_write(args.out, text.encode())
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
