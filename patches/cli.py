@@ -102,10 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
-        if quick_verify.takes(args):
-            return quick_verify.run(args)
         try:
-            from patches.commands import run_command
+            if quick_verify.takes(args):
+                return quick_verify.run(args)  # needs packaging only to compare versions
+            from patches.commands import run_command  # libcst, rich
         except ModuleNotFoundError as missing:
             return missing_dependency(missing)
         return run_command(args)

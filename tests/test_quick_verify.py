@@ -243,6 +243,26 @@ def test_without_libcst_a_backported_fix_still_fails(
     assert "P10 [transformers 5.5.4] not applied" in cli(*args, "-q").out
 
 
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        (("--only", "P99"), "unknown patch id P99; known ids: P1, P2,"),
+        (("--only", "P10", "--skip", "P10"), "--only/--skip left no patch to work on"),
+        (("--python", "/no/such/python"), "does not exist"),
+        (("--manifest-is-corrupt",), "is corrupt"),
+    ],
+)
+def test_bad_input_gets_one_line(synthetic_site: Path, cli, argv: tuple[str, ...], needle: str):
+    if argv == ("--manifest-is-corrupt",):
+        (synthetic_site / ".stackpatch").mkdir()
+        (synthetic_site / ".stackpatch" / "manifest.json").write_text("{ not json")
+        argv = ("--site-packages", str(synthetic_site))
+    result = cli("--verify", "-q", *argv)
+    assert result.code == 2 and result.out == ""
+    (line,) = result.err.splitlines()
+    assert line.startswith("error: ") and needle in line
+
+
 # --- the import graph, in a fresh interpreter -------------------------------------------
 
 # Runs the command line (or the library call) with a meta-path finder in front that refuses
