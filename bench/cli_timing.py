@@ -1,6 +1,6 @@
 """Wall time of `--verify -q`, `--verify` and `--check` on the real oldest stack, patched.
 
-    python bench/cli_timing.py [--runs 15] [--out bench/results/cli_timing.md]
+    python bench/cli_timing.py [--runs 15] [--baseline OTHER_CHECKOUT] [--out FILE]
 
 Builds a venv layered over the cached oldest stack (tests/conftest.py: layered_env, so the
 cache itself is never patched: the venv owns copies of transformers, peft and bitsandbytes),
@@ -8,6 +8,8 @@ applies every recommended patch with `--apply`, then runs each command `--runs` 
 that venv's interpreter, interleaved with a bare `python -c pass` so that a busy machine
 slows all of them alike. Reports the median and fastest wall time of each, the ratio of the
 medians to `python -c pass`, and from `python -X importtime` what each command's imports cost.
+`--baseline` times `--verify -q` of another checkout of stackpatch too (e.g. the commit
+before the quick verify), on the same venv in the same loop.
 A benchmark, not a test: nothing here asserts a time.
 """
 
@@ -101,9 +103,9 @@ def device() -> str:
     return f"{model}, {os.cpu_count()} cores"
 
 
-def commit() -> str:
+def commit(checkout: Path = ROOT) -> str:
     described = subprocess.run(
-        ["git", "describe", "--always", "--dirty"], capture_output=True, text=True, cwd=ROOT
+        ["git", "describe", "--always", "--dirty"], capture_output=True, text=True, cwd=checkout
     )
     return described.stdout.strip() or "unknown"
 
@@ -112,7 +114,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=15)
     parser.add_argument("--out", type=Path, default=ROOT / "bench/results/cli_timing.md")
+    parser.add_argument("--baseline", type=Path, help="another checkout: time its --verify -q")
     args = parser.parse_args()
+    commands = dict(COMMANDS)
+    if args.baseline:
+        baseline = f"--verify -q of {commit(args.baseline)}"
+        commands[baseline] = [str(args.baseline / "apply_patches.py"), "--verify", "-q"]
 
     with tempfile.TemporaryDirectory(prefix="stackpatch-cli-timing-") as scratch:
         python = layered_env("oldest", Path(scratch) / "venv")
@@ -127,14 +134,14 @@ def main() -> int:
             for name, argv in unpatched.items():
                 times[name].append(timed(python, argv, expect=1 if "verify" in name else 0))
         timed(python, [CLI, "--apply", "-q"])
-        for argv in COMMANDS.values():  # warm the page cache and the bytecode caches
+        for argv in commands.values():  # warm the page cache and the bytecode caches
             timed(python, argv)
-        times.update({name: [] for name in COMMANDS})
+        times.update({name: [] for name in commands})
         for _ in range(args.runs):
-            for name, argv in COMMANDS.items():
+            for name, argv in commands.items():
                 times[name].append(timed(python, argv))
         load_after = os.getloadavg()
-        profiles = {name: import_profile(python, argv, 6) for name, argv in COMMANDS.items()}
+        profiles = {name: import_profile(python, argv, 6) for name, argv in commands.items()}
         stack = versions(python)
 
     bare = statistics.median(wall for wall, _ in times["python -c pass"])
@@ -143,7 +150,7 @@ def main() -> int:
         "| CPU s, median | imports s |",
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for name in [*COMMANDS, *(f"{command}, before --apply" for command in UNPATCHED)]:
+    for name in [*commands, *(f"{command}, before --apply" for command in UNPATCHED)]:
         samples = times[name]
         walls = [wall for wall, _ in samples]
         median = statistics.median(walls)
