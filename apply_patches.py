@@ -6,9 +6,4 @@ import sys
 from patches.entry import launch
 
 if __name__ == "__main__":
-    sys.exit(
-        launch(
-            "patches.cli",
-            "run stackpatch from an environment that has them and point it here with --python",
-        )
-    )
+    sys.exit(launch("patches.cli"))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +42,13 @@ class Environment:
         dist = self.distributions.get(package)
         return None if dist is None else dist.location / relative
 
+    def manifest_key(self, path: Path) -> str:
+        """How the manifest names a file: relative to site-packages when it lies there."""
+        try:
+            return path.relative_to(self.site_packages).as_posix()
+        except ValueError:
+            return path.as_posix()
+
     def versions(self) -> dict[str, str]:
         return {name: d.version for name, d in sorted(self.distributions.items())}
 
@@ -59,6 +65,8 @@ def _from_probe(data: dict) -> Environment:
 
 
 def _run_probe(python: str, packages: list[str]) -> dict:
+    import subprocess  # here, not above: --verify -q on this interpreter never needs it
+
     try:
         completed = subprocess.run(
             [python, probe.__file__, *packages],

@@ -10,7 +10,8 @@ import subprocess
 import sys
 from collections.abc import Sequence
 
-from patches import cli
+# commands: --apply needs libcst and rich; importing it here stops a run without them before pip.
+from patches import cli, commands  # noqa: F401
 
 CHANGING_COMMANDS = ("install", "uninstall")
 

@@ -11,8 +11,9 @@ import libcst as cst
 
 from patches.environment import Environment
 from patches.manifest import FileRecord, Manifest, sha256_bytes
-from patches.model import Assessment, Patch, State
-from patches.transform import ANY_MARKER, ShapeKind, classify, parse
+from patches.model import ANY_MARKER, Assessment, Patch, State
+from patches.problems import drift_detail
+from patches.transform import ShapeKind, classify, parse
 
 
 @dataclass(frozen=True)
@@ -88,22 +89,9 @@ class _FileState:
         return self.record is not None and self.record.sha256_after == self.disk_sha
 
 
-def manifest_key(env: Environment, path: Path) -> str:
-    try:
-        return path.relative_to(env.site_packages).as_posix()
-    except ValueError:
-        return path.as_posix()
-
-
 def _drift_detail(state: _FileState) -> str:
-    if state.record is not None and state.disk_sha == state.record.sha256_before:
-        return f"{state.key} is back to its original bytes (reinstalled?); run --apply"
-    if ANY_MARKER.search(state.text):
-        return (
-            f"{state.key} was edited after stackpatch patched it; --apply leaves it alone and "
-            "--revert refuses: reinstall the package, then run --apply"
-        )
-    return f"{state.key} was replaced since it was patched (reinstalled?); run --apply"
+    assert state.record is not None  # only a recorded file can drift
+    return drift_detail(state.key, state.disk_sha, state.record.sha256_before, state.text)
 
 
 class Planner:
@@ -120,7 +108,7 @@ class Planner:
                 disk = path.read_bytes()
             except (FileNotFoundError, NotADirectoryError):
                 return None
-            key = manifest_key(self.env, path)
+            key = self.env.manifest_key(path)
             self.files[path] = _FileState(
                 path, key, package, version, disk, self.manifest.record_for(key)
             )

@@ -6,10 +6,14 @@ import importlib
 import pkgutil
 from collections.abc import Iterable, Sequence
 from types import ModuleType
+from typing import TypeVar
 
 from patches import catalog
 from patches.errors import UsageError
-from patches.model import Patch
+from patches.model import Applicability, Patch
+
+# A Patch, or the PatchInfo the quick verify reads without importing the catalog.
+AnyPatch = TypeVar("AnyPatch", bound=Applicability)
 
 
 def _catalog_modules() -> Iterable[ModuleType]:
@@ -40,8 +44,8 @@ def parse_id_list(text: str) -> list[str]:
 
 
 def select(
-    patches: Sequence[Patch], only: Sequence[str] = (), skip: Sequence[str] = ()
-) -> tuple[Patch, ...]:
+    patches: Sequence[AnyPatch], only: Sequence[str] = (), skip: Sequence[str] = ()
+) -> tuple[AnyPatch, ...]:
     """The patches named by --only (all when empty), less those named by --skip."""
     known = {p.id for p in patches}
     unknown = sorted({*only, *skip} - known, key=lambda i: (len(i), i))
@@ -51,3 +55,15 @@ def select(
         )
     chosen = [p for p in patches if not only or p.id in only]
     return tuple(p for p in chosen if p.id not in skip)
+
+
+def choose(
+    patches: Sequence[AnyPatch], only: str, skip: str, include_historical: bool
+) -> tuple[tuple[AnyPatch, ...], bool]:
+    """`--only`, `--skip` and `--include-historical`: the patches to work on, and whether
+    historical ones count (naming one in --only includes it)."""
+    named = parse_id_list(only)
+    chosen = select(patches, named, parse_id_list(skip))
+    if not chosen:
+        raise UsageError("--only/--skip left no patch to work on")
+    return chosen, include_historical or any(not p.recommended for p in chosen if p.id in named)

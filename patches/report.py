@@ -28,7 +28,6 @@ from rich.table import Table
 
 from patches.compare import Comparison, MatrixTable, cell_label
 from patches.environment import Environment
-from patches.manifest import Manifest
 from patches.model import Assessment, State
 
 SCHEMA = "stackpatch/report@1"
@@ -104,36 +103,6 @@ def _assessment_json(assessment: Assessment, verified: str) -> dict:
         "files": list(assessment.files),
         "detail": assessment.detail,
     }
-
-
-def interrupted_apply(manifest: Manifest) -> tuple[str, ...]:
-    """The problem an in-flight manifest left by a killed --apply means, if there is one."""
-    if not manifest.in_flight:
-        return ()
-    return (
-        "an earlier --apply was interrupted while writing "
-        f"{', '.join(r.path for r in manifest.in_flight)}; run --revert, then --apply",
-    )
-
-
-def problems_for(command: str, assessments: Sequence[Assessment]) -> tuple[str, ...]:
-    """One line per assessment that makes this command's result not ok."""
-    if command == "verify":
-        flagged = [a for a in assessments if a.is_problem_for_verify]
-    else:
-        flagged = [a for a in assessments if a.is_problem_for_check]
-    return tuple(_problem_line(a) for a in flagged)
-
-
-def _problem_line(a: Assessment) -> str:
-    advice = {
-        State.PENDING: "not applied; run `python apply_patches.py --apply`",
-        State.TARGET_MISSING: "the code no longer matches the patch; do not rely on it here",
-        State.DRIFTED: "patched file changed since apply",
-    }[a.state]
-    version = f" {a.installed_version}" if a.installed_version else ""
-    detail = f" ({a.detail})" if a.detail else ""
-    return f"{a.patch.id} [{a.patch.package}{version}] {a.state.value}: {advice}{detail}"
 
 
 def render(report: Report, console: Console, quiet: bool) -> None:

@@ -9,9 +9,9 @@ from pathlib import Path
 
 from patches.errors import StackpatchError
 from patches.manifest import FileRecord, Manifest, sha256_bytes
+from patches.model import ANY_MARKER
 from patches.plan import FileChange, Plan
 from patches.store import StateStore, Writer, atomic_write, remove_stale_bytecode
-from patches.transform import ANY_MARKER
 
 
 class CompileCheckFailed(StackpatchError):

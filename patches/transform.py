@@ -9,7 +9,6 @@ where one exists, the shape upstream shipped as its own fix.
 from __future__ import annotations
 
 import enum
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, TypeVar
@@ -18,15 +17,9 @@ import libcst as cst
 import libcst.matchers as m
 from libcst.codemod import CodemodContext, SkipFile, VisitorBasedCodemodCommand
 
-MARKER_PREFIX = "# stackpatch"
+from patches.model import MARKER_PREFIX, marker_pattern
+
 Definition = TypeVar("Definition", cst.ClassDef, cst.FunctionDef)
-
-
-def marker_pattern(patch_id: str) -> re.Pattern[str]:
-    return re.compile(rf"#\s*stackpatch\s+{re.escape(patch_id)}\b")
-
-
-ANY_MARKER = re.compile(r"#\s*stackpatch\s+P[0-9]+\b")
 
 
 class ShapeKind(str, enum.Enum):

@@ -59,9 +59,8 @@ def write_distribution(site: Path, name: str, version: str, files: dict[str, str
         target.write_text(text)
 
 
-@pytest.fixture
-def synthetic_site(tmp_path: Path) -> Path:
-    site = tmp_path / "site-packages"
+def write_synthetic_site(site: Path) -> Path:
+    """Install the synthetic distributions into `site` (any site-packages directory)."""
     for name, files in synthetic_files().items():
         version = SYNTHETIC_VERSIONS[name]
         texts = {
@@ -70,6 +69,11 @@ def synthetic_site(tmp_path: Path) -> Path:
         }
         write_distribution(site, name, version, texts)
     return site
+
+
+@pytest.fixture
+def synthetic_site(tmp_path: Path) -> Path:
+    return write_synthetic_site(tmp_path / "site-packages")
 
 
 def snapshot(site: Path) -> dict[str, bytes]:
@@ -220,15 +224,26 @@ def stack_python(name: str, extra: tuple[str, ...] = ()) -> Path:
 OWN_COPIES = ("transformers", "peft", "bitsandbytes")
 
 
-def layered_env(stack: str, dest: Path) -> Path:
+def layered_env(stack: str, dest: Path, without: tuple[str, ...] = ()) -> Path:
     """A venv that sees a cached stack's packages through a .pth file but owns copies of
     transformers, peft and bitsandbytes, so stackpatch can patch it without touching the cache.
-    Returns its interpreter."""
+    `without` names distributions it must not see (e.g. libcst and rich: a training
+    environment without stackpatch's dependencies). Returns its interpreter."""
     base = stack_python(stack, extra=("libcst", "rich"))
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(dest)], check=True)
     (site,) = dest.glob("lib/python*/site-packages")
     (base_site,) = base.parent.parent.glob("lib/python*/site-packages")
-    (site / "stack.pth").write_text(f"{base_site}\n")
+    seen = base_site
+    if without:
+        # The stack's site-packages less those distributions: a folder of links to the rest.
+        seen = dest / "stack-view"
+        seen.mkdir()
+        for entry in base_site.iterdir():
+            dist_info = entry.suffix == ".dist-info"
+            name = entry.name.partition("-")[0] if dist_info else entry.name.removesuffix(".py")
+            if name not in without:
+                (seen / entry.name).symlink_to(entry)
+    (site / "stack.pth").write_text(f"{seen}\n")
     for name in OWN_COPIES:
         shutil.copytree(base_site / name, site / name, ignore=shutil.ignore_patterns("__pycache__"))
         (info,) = base_site.glob(f"{name}-*.dist-info")

@@ -188,7 +188,7 @@ def test_unexpected_exception_is_one_line(monkeypatch, synthetic_site: Path, cli
     def boom(*args, **kwargs):
         raise RuntimeError("simulated bug")
 
-    monkeypatch.setattr("patches.cli.make_plan", boom)
+    monkeypatch.setattr("patches.commands.make_plan", boom)
     monkeypatch.delenv("STACKPATCH_DEBUG", raising=False)
     result = cli("--check", "--site-packages", str(synthetic_site))
     assert_one_line_error(result, "internal error (RuntimeError: simulated bug)")

@@ -126,6 +126,30 @@ def test_refuses_an_unpatched_stack(tmp_path: Path) -> None:
     assert "Traceback" not in result.stderr
 
 
+def test_training_env_without_stackpatch_dependencies(tmp_path: Path) -> None:
+    """Only the training stack and the repository: no libcst, no rich. The check still
+    refuses an unpatched stack in one line, and lets a patched one train."""
+    python = layered_env("oldest", tmp_path / "venv", without=("libcst", "rich"))
+    for module in ("libcst", "rich"):
+        probe = subprocess.run([str(python), "-c", f"import {module}"], capture_output=True)
+        assert probe.returncode == 1 and b"ModuleNotFoundError" in probe.stderr
+
+    refused = train(python, tmp_path / "refused", "--max-steps", "1")
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    assert "Traceback" not in refused.stderr
+    (line,) = [line for line in refused.stderr.splitlines() if line.startswith("error:")]
+    assert line.startswith("error: this environment is not patched as the run needs: ")
+    assert "P10 [transformers 5.5.4] not applied" in line
+    assert "P13 [transformers 5.5.4] not applied" in line
+    assert line.endswith(f"Fix: python {ROOT / 'apply_patches.py'} --apply --python {python}")
+
+    # stackpatch runs from its own environment and patches this one, as the fix says.
+    assert run_cli_process("--apply", "-q", "--python", str(python)).code == 0
+    trained = train(python, tmp_path / "run", "--max-steps", "2")
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    assert "experts 4-bit in 2/2 layers" in trained.stdout
+
+
 EXPERTS_CHANGED = """
 import sys, torch
 from safetensors.torch import load_file

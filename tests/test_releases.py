@@ -11,7 +11,7 @@ from conftest import WHEEL_CACHE, wheel
 from packaging.requirements import Requirement
 from packaging.version import Version
 
-from patches import cli as cli_module
+from patches import commands
 from patches.compare import Cell
 from patches.releases import _parse_versions, select_releases
 
@@ -45,8 +45,8 @@ def offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 @pytest.fixture
 def matrix_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, Path]:
     matrix, status = tmp_path / "matrix.json", tmp_path / "STATUS.md"
-    monkeypatch.setattr(cli_module, "MATRIX_FILE", matrix)
-    monkeypatch.setattr(cli_module, "STATUS_FILE", status)
+    monkeypatch.setattr(commands, "MATRIX_FILE", matrix)
+    monkeypatch.setattr(commands, "STATUS_FILE", status)
     monkeypatch.setattr("patches.status_doc.MATRIX_FILE", matrix)
     return matrix, status
 

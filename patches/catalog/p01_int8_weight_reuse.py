@@ -70,7 +70,7 @@ PATCH = Patch(
         "no organic reproducer on 0.49.x either. Kept for users of the collection, off by default."
     ),
     references=(
-        "https://github.blesdmm.dns-dynamic.net/bitsandbytes-foundation/bitsandbytes/issues/1927",
+        "https://github.com/bitsandbytes-foundation/bitsandbytes/issues/1927",
         "consumer-llm-patches P1",
     ),
 )

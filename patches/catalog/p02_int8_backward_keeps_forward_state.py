@@ -71,7 +71,7 @@ PATCH = Patch(
         "state, holding the CB and SCB forward used."
     ),
     references=(
-        "https://github.blesdmm.dns-dynamic.net/bitsandbytes-foundation/bitsandbytes/issues/1927",
+        "https://github.com/bitsandbytes-foundation/bitsandbytes/issues/1927",
         "consumer-llm-patches P2",
     ),
     reproducer="validation/p02_int8_backward_after_offload.py",

@@ -77,7 +77,7 @@ PATCH = Patch(
         "shows the AttributeError."
     ),
     references=(
-        "https://github.blesdmm.dns-dynamic.net/bitsandbytes-foundation/bitsandbytes/issues/1927",
+        "https://github.com/bitsandbytes-foundation/bitsandbytes/issues/1927",
         "consumer-llm-patches P3",
     ),
 )

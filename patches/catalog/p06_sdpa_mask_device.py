@@ -44,7 +44,7 @@ PATCH = Patch(
     ),
     historical_reason=NOT_REPRODUCED,
     references=(
-        "https://github.blesdmm.dns-dynamic.net/huggingface/transformers/issues/45482",
+        "https://github.com/huggingface/transformers/issues/45482",
         "consumer-llm-patches P6",
     ),
 )

@@ -49,7 +49,7 @@ PATCH = Patch(
     ),
     historical_reason=NOT_REPRODUCED,
     references=(
-        "https://github.blesdmm.dns-dynamic.net/huggingface/transformers/issues/45482",
+        "https://github.com/huggingface/transformers/issues/45482",
         "consumer-llm-patches P7",
     ),
 )

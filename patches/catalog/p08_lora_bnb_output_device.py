@@ -52,7 +52,7 @@ PATCH = Patch(
     ),
     historical_reason=NOT_REPRODUCED,
     references=(
-        "https://github.blesdmm.dns-dynamic.net/huggingface/peft/issues/3169",
+        "https://github.com/huggingface/peft/issues/3169",
         "consumer-llm-patches P8",
     ),
 )

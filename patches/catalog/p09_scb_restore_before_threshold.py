@@ -49,7 +49,7 @@ PATCH = Patch(
         "default."
     ),
     references=(
-        "https://github.blesdmm.dns-dynamic.net/bitsandbytes-foundation/bitsandbytes/issues/1927",
+        "https://github.com/bitsandbytes-foundation/bitsandbytes/issues/1927",
         "consumer-llm-patches P9",
     ),
 )

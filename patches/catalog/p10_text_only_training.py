@@ -90,7 +90,7 @@ PATCH = Patch(
         "are correct. transformers 5.6.0 removed the raise; this patch removes it in 5.5.x."
     ),
     references=(
-        "https://github.blesdmm.dns-dynamic.net/huggingface/transformers/issues/45482",
+        "https://github.com/huggingface/transformers/issues/45482",
         "consumer-llm-patches P10",
     ),
     reproducer="validation/p10_text_only_training.py",

@@ -98,7 +98,7 @@ PATCH = Patch(
         "to older releases."
     ),
     references=(
-        "https://github.blesdmm.dns-dynamic.net/bitsandbytes-foundation/bitsandbytes/issues/1927",
+        "https://github.com/bitsandbytes-foundation/bitsandbytes/issues/1927",
         "consumer-llm-patches P11",
     ),
     reproducer="validation/p11_int8params_kwargs.py",

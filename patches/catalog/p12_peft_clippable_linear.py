@@ -64,7 +64,7 @@ PATCH = Patch(
     ),
     references=(
         "axolotl Gemma 4 notes: `Gemma4ClippableLinear not supported` by PEFT",
-        "https://github.blesdmm.dns-dynamic.net/huggingface/peft/tree/main/src/peft/tuners/lora/model.py",
+        "https://github.com/huggingface/peft/blob/main/src/peft/tuners/lora/model.py",
     ),
     reproducer="validation/p12_peft_clippable_linear.py",
 )

@@ -147,7 +147,8 @@ PATCH = Patch(
         "llm_int8_skip_modules=['experts']."
     ),
     references=(
-        "unsloth PR 'gemma-4 moe: per-expert Linear4bit swap so 26B-A4B fits at 4-bit' (#5432)",
+        "unsloth PR 'gemma-4 moe: per-expert Linear4bit swap so 26B-A4B fits at 4-bit': "
+        "https://github.com/unslothai/unsloth/pull/5432",
         "bench/results/moe_experts.md",
     ),
     reproducer="validation/p13_gemma4_experts_4bit.py",

@@ -71,7 +71,7 @@ PATCH = Patch(
         "right after the map is resolved, while the model is still on the meta device."
     ),
     references=(
-        "https://github.blesdmm.dns-dynamic.net/huggingface/transformers/blob/v5.23.0/src/transformers/quantizers/quantizer_bnb_4bit.py",
+        "https://github.com/huggingface/transformers/blob/v5.23.0/src/transformers/quantizers/quantizer_bnb_4bit.py",
     ),
     reproducer="validation/p16_auto_offload_quantized.py",
     # The reproducer trains LoRA on the offloaded layers, which needs P14 on every PEFT.
