@@ -13,6 +13,7 @@ from patches.transform import PatchTransform, injected_statements
 INJECT = Path(__file__).resolve().parent.parent / "inject"
 SOURCES = (
     INJECT / "experts_4bit_triton.py",
+    INJECT / "whole_block_rows.py",
     INJECT / "experts_4bit.py",
     INJECT / "bnb_experts_hooks.py",
 )

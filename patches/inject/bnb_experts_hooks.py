@@ -21,7 +21,12 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from patches.inject.experts_4bit import ExpertLoRA, PackedExperts, experts_4bit_forward
+from patches.inject.experts_4bit import (
+    ExpertLoRA,
+    PackedExperts,
+    dequantize_4bit_by_blocks,
+    experts_4bit_forward,
+)
 
 STACKPATCH_EXPERT_PARAMS = ("gate_up_proj", "down_proj")
 STACKPATCH_EXPERTS_IMPLEMENTATION = "bnb_4bit"
@@ -80,15 +85,13 @@ def stackpatch_prepare_experts_4bit(
 
 def stackpatch_dequantize_experts(model: torch.nn.Module, dtype: torch.dtype | None = None) -> int:
     """`model.dequantize()` for packed experts: plain frozen Parameters again, in `dtype`."""
-    from bitsandbytes.functional import dequantize_4bit
-
     changed = 0
     for module in model.modules():
         if not getattr(module, "_stackpatch_4bit_experts", False):
             continue
         for name in STACKPATCH_EXPERT_PARAMS:
             packed = getattr(module, name)
-            weight = dequantize_4bit(packed.data, packed.quant_state)
+            weight = dequantize_4bit_by_blocks(packed.data, packed.quant_state)
             weight = weight.to(dtype) if dtype is not None else weight
             setattr(module, name, torch.nn.Parameter(weight, requires_grad=False))
         module._stackpatch_4bit_experts = False

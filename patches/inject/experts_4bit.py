@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from patches.inject.experts_4bit_triton import fused_4bit_available, grouped_gemm_4bit
+from patches.inject.whole_block_rows import stackpatch_whole_block_rows
 
 DEFAULT_CHUNK_BYTES = int(os.environ.get("STACKPATCH_EXPERTS_CHUNK_MB", "256")) * 2**20
 # "auto": the fused Triton kernel where it can run, else dequantize-then-grouped-GEMM;
@@ -106,6 +107,33 @@ def _plain_absmax(packed: PackedExperts) -> torch.Tensor:
     return bnbf.dequantize_blockwise(state.absmax, state.state2) + state.offset
 
 
+def dequantize_4bit_by_blocks(data: torch.Tensor, state) -> torch.Tensor:
+    """`bitsandbytes.functional.dequantize_4bit(data, state)`, asked for as rows that each
+    start a quantization block and reshaped to `state.shape`.
+
+    bitsandbytes' CPU kernel (0.49.0 and later, on CPUs with AVX-512F) scales each row as if
+    it started a block (whole_block_rows.py): wrong for experts whose rows are not whole
+    blocks, e.g. (E, 64, 32) with blocksize 64. The same bytes as whole-block rows are read
+    right by every kernel (CUDA, CPU AVX-512 or scalar, the torch fallback).
+    """
+    import bitsandbytes.functional as bnbf
+
+    shape = torch.Size(state.shape)
+    rows = stackpatch_whole_block_rows(shape[:-1].numel(), shape[-1], state.blocksize)
+    by_rows = bnbf.QuantState(
+        absmax=state.absmax,
+        shape=torch.Size(rows),
+        code=state.code,
+        blocksize=state.blocksize,
+        quant_type=state.quant_type,
+        dtype=state.dtype,
+        offset=state.offset,
+        state2=state.state2,
+    )
+    flat = data.view(torch.uint8).reshape(-1, 1)
+    return bnbf.dequantize_4bit(flat, by_rows).reshape(shape)
+
+
 def dequantize_experts(
     packed: PackedExperts, start: int, stop: int, absmax: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -126,7 +154,7 @@ def dequantize_experts(
         dtype=state.dtype,
     )
     data = packed.data.view(torch.uint8).view(-1)[start * per_expert // 2 : stop * per_expert // 2]
-    return bnbf.dequantize_4bit(data.unsqueeze(-1), chunk_state)
+    return dequantize_4bit_by_blocks(data, chunk_state)
 
 
 def dequantize_all(packed: PackedExperts) -> torch.Tensor:
