@@ -2,6 +2,14 @@
 
 Shapes follow the 26B-A4B layout (MoE block, sliding + full attention, separate global
 head dims) at toy sizes, so every code path of the real model runs in well under a second.
+
+The sizes are ones bitsandbytes' CPU kernels take on every x86 CPU, as the real model's are
+(issue 16): every Linear that load_in_4bit quantizes has out_features a multiple of 32 (on
+CPUs with AVX512-BF16 an eval-mode Linear4bit repacks its weight in tiles of 32 rows and
+asserts that; hence 32 experts for the router) and in_features a multiple of the blocksize
+64, as are the experts' rows (on CPUs with AVX-512F, bitsandbytes 0.49+ dequantizes rows
+that are not whole blocks with the wrong scales: P17). Tests about those limits use their
+own shapes.
 """
 
 from __future__ import annotations
@@ -16,9 +24,9 @@ TEXT = {
     "num_hidden_layers": 2,
     "layer_types": ["sliding_attention", "full_attention"],
     "enable_moe_block": True,
-    "num_experts": 8,
+    "num_experts": 32,
     "top_k_experts": 2,
-    "moe_intermediate_size": 32,
+    "moe_intermediate_size": 64,
     "intermediate_size": 64,
     "vocab_size": 512,
     "num_attention_heads": 4,
@@ -30,12 +38,12 @@ TEXT = {
     "hidden_size_per_layer_input": 0,
 }
 VISION = {
-    "hidden_size": 32,
+    "hidden_size": 64,
     "intermediate_size": 64,
     "num_hidden_layers": 1,
     "num_attention_heads": 2,
     "num_key_value_heads": 2,
-    "head_dim": 16,
+    "head_dim": 32,
 }
 
 
@@ -123,6 +131,38 @@ def load_split(
         if devices == {True, False}:
             return model, placed
     raise SystemExit(f"inconclusive: no memory budget split the decoder layers ({placed})")
+
+
+def cpu_has_avx512f() -> bool:
+    """Whether bitsandbytes' native CPU library takes its AVX-512 branches on this machine
+    (it asks `__builtin_cpu_supports("avx512f")`; P17's bug lives there)."""
+    from pathlib import Path
+
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+    except OSError:  # not Linux: bitsandbytes' macOS and Windows builds have no AVX-512 branch
+        return False
+    flags = (
+        line.partition(":")[2].split() for line in cpuinfo.splitlines() if line.startswith("flags")
+    )
+    return any("avx512f" in line for line in flags)
+
+
+def plain_dequantize_4bit(data, state):
+    """What bitsandbytes' dequantize_4bit should return, in plain torch: each 4-bit code
+    (high nibble first) looked up and times the absmax of its block, blocks taken over the
+    flattened tensor as quantize_4bit made them (a tensor of whole blocks). No native kernel
+    involved, so it is the same on every CPU."""
+    import torch
+    from bitsandbytes.functional import dequantize_blockwise
+
+    absmax = state.absmax
+    if state.nested:  # double quantization: the 8-bit absmax kernel is flat, right everywhere
+        absmax = dequantize_blockwise(state.absmax, state.state2) + state.offset
+    packed = data.view(torch.uint8).flatten()
+    codes = torch.stack([packed >> 4, packed & 0x0F], dim=-1).flatten().long()
+    values = state.code.float()[codes].view(-1, state.blocksize) * absmax.float().view(-1, 1)
+    return values.view(state.shape).to(state.dtype)
 
 
 def _environment() -> dict[str, str]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny_gemma4 import plain_dequantize_4bit
 from transformers import Gemma4TextConfig
 from transformers.models.gemma4.modeling_gemma4 import Gemma4TextExperts
 
@@ -18,6 +19,9 @@ from patches.inject.experts_4bit import (
     route,
 )
 
+# Deliberately not the sizes bitsandbytes' CPU kernels like (tiny_gemma4's): down_proj's rows
+# of INTERMEDIATE = 32 values are shorter than a quantization block (64), which bitsandbytes'
+# own CPU dequantization gets wrong on CPUs with AVX-512F (P17); P13 must not depend on that.
 EXPERTS, HIDDEN, INTERMEDIATE, TOP_K, TOKENS = 8, 64, 32, 2, 48
 
 
@@ -73,6 +77,24 @@ def test_chunks_dequantize_to_slices_of_the_whole(experts) -> None:
         assert torch.equal(dequantize_experts(packed, start, stop), whole[start:stop])
     relative = (whole.float() - experts.down_proj.float()).norm() / experts.down_proj.float().norm()
     assert relative < 0.12  # NF4 on Gaussian weights
+
+
+# (experts, rows, cols): rows shorter than a block, rows of one and a half blocks, whole blocks.
+SHAPES = [(8, 64, 32), (4, 32, 96), (4, 64, 128)]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("compress_statistics", [True, False], ids=["nested", "plain"])
+def test_dequantize_is_exact_on_every_cpu(shape, quant_type: str, compress_statistics) -> None:
+    """The same values as plain torch over the flattened blocks, whatever the CPU's ISA; on
+    CPUs with AVX-512F bitsandbytes' own dequantize_4bit of these shapes differs
+    (tests/torch/test_cpu_branches.py)."""
+    weight = torch.randn(shape, generator=torch.Generator().manual_seed(5)).to(torch.bfloat16)
+    packed = pack_experts(weight, quant_type, compress_statistics=compress_statistics)
+    expected = plain_dequantize_4bit(packed.data, packed.state)
+    assert torch.equal(dequantize_all(packed), expected)
+    assert torch.equal(dequantize_experts(packed, 1, 3), expected[1:3])
 
 
 @pytest.mark.parametrize("chunk_experts", [1, 3, EXPERTS])
