@@ -157,6 +157,14 @@ class PatchTransform(VisitorBasedCodemodCommand):
                 self.count_rewrite()
         return block.with_changes(body=body)
 
+    def with_injected(self, module: cst.Module, *sources: Path) -> cst.Module:
+        """`module` with the code of `sources` (repository modules) appended, once every other
+        site has been rewritten: they call it. Counts as the last site."""
+        if self.rewritten != self.SITES - 1:
+            return module
+        self.count_rewrite()
+        return module.with_changes(body=[*module.body, *injected_statements(self, *sources)])
+
     def carries_marker(self, node: cst.CSTNode | None) -> bool:
         """True when `node` holds this patch's marker: the site was rewritten already."""
         if node is None:

@@ -19,9 +19,9 @@ from patches.model import Patch, Target
 from patches.registry import load_patches
 from patches.releases import cache_dir, download_wheel
 
-# tests/torch and tests/triton need torch (and Triton): tests/test_torch_suite.py runs them
-# inside the stack venvs.
-collect_ignore = ["torch", "triton"]
+# tests/torch, tests/patched_bnb and tests/triton need torch (and Triton):
+# tests/test_torch_suite.py runs them inside the stack venvs.
+collect_ignore = ["torch", "patched_bnb", "triton"]
 
 FIXTURES = Path(__file__).parent / "fixtures"
 WHEEL_CACHE = cache_dir() / "wheels"  # where download_wheel keeps them

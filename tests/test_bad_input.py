@@ -30,7 +30,7 @@ def assert_one_line_error(result, *needles: str) -> None:
 def test_unknown_patch_id(synthetic_site: Path, cli) -> None:
     before = snapshot(synthetic_site)
     result = cli("--apply", "--only", "P10,P99", "--site-packages", str(synthetic_site))
-    known = "known ids: P1, P2, P3, P4, P5, P6, P7, P8, P9, P10, P11, P12, P13, P14, P15, P16"
+    known = "known ids: P1, P2, P3, P4, P5, P6, P7, P8, P9, P10, P11, P12, P13, P14, P15, P16, P17"
     assert_one_line_error(result, "unknown patch id P99", known)
     assert snapshot(synthetic_site) == before
 

@@ -19,9 +19,10 @@ P13_FILES = (
     "transformers/quantizers/quantizer_bnb_4bit.py",
 )
 MODELING_UTILS = "transformers/modeling_utils.py"
-EVERY_FILE = sorted(
-    [FUNCTIONS, MODULES, LORA_MODEL, LORA_LAYER, TUNERS_UTILS, MODELING, MODELING_UTILS, *P13_FILES]
-)
+CPU_OPS = "bitsandbytes/backends/cpu/ops.py"
+BITSANDBYTES_FILES = (FUNCTIONS, MODULES, CPU_OPS)
+PEFT_FILES = (LORA_MODEL, LORA_LAYER, TUNERS_UTILS)
+EVERY_FILE = sorted([*BITSANDBYTES_FILES, *PEFT_FILES, MODELING, MODELING_UTILS, *P13_FILES])
 
 
 def test_check_reports_pending_with_documented_json(synthetic_site: Path, cli) -> None:
@@ -50,6 +51,7 @@ def test_check_reports_pending_with_documented_json(synthetic_site: Path, cli) -
         "P14": "pending",
         "P15": "pending",
         "P16": "pending",
+        "P17": "pending",
     }
     assert report["patches"][0]["installed_version"] == "0.49.2"
 
@@ -71,6 +73,7 @@ def test_apply_verify_revert_round_trip(synthetic_site: Path, cli) -> None:
         "P14": "applied",
         "P15": "applied",
         "P16": "applied",
+        "P17": "applied",
     }
     assert sorted(applied.json["written"]) == EVERY_FILE
     assert "# stackpatch P10" in (synthetic_site / MODELING).read_text()
@@ -132,11 +135,13 @@ def test_only_and_skip_select_patches(synthetic_site: Path, cli) -> None:
         "P14": "pending",
         "P15": "pending",
         "P16": "pending",
+        "P17": "pending",
     }
-    assert cli("--verify", "--skip", "P2,P3,P11,P12,P13,P14,P15,P16", "-q", *site).code == 0
+    assert cli("--verify", "--skip", "P2,P3,P11,P12,P13,P14,P15,P16,P17", "-q", *site).code == 0
     skipped = cli("--check", "--json", "--skip", "P10,P1", *site).json["patches"]
     assert [p["id"] for p in skipped] == [
-        "P2", "P3", "P4", "P5", "P6", "P7", "P8", "P9", "P11", "P12", "P13", "P14", "P15", "P16"
+        "P2", "P3", "P4", "P5", "P6", "P7", "P8", "P9", "P11", "P12", "P13", "P14", "P15", "P16",
+        "P17",
     ]  # fmt: skip
 
 
@@ -157,6 +162,7 @@ def test_partial_revert_keeps_other_files(synthetic_site: Path, cli) -> None:
         "P14": "applied",
         "P15": "applied",
         "P16": "applied",
+        "P17": "applied",
     }
 
 

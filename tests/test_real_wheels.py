@@ -52,6 +52,7 @@ def test_old_stack_full_cycle(install, cli) -> None:
         "P14": "pending",
         "P15": "pending",
         "P16": "pending",
+        "P17": "pending",
     }
     assert check.json["environment"]["packages"] == {
         "bitsandbytes": "0.49.2",
@@ -78,6 +79,7 @@ def test_old_stack_full_cycle(install, cli) -> None:
         "P14": "applied",
         "P15": "applied",
         "P16": "applied",
+        "P17": "applied",
     }
 
     assert cli("--apply", "-q", *args).code == 0
@@ -112,11 +114,13 @@ def test_new_stack_needs_the_peft_bnb_and_experts_patches(install, cli) -> None:
         "P14": "pending",
         "P15": "pending",
         "P16": "pending",
+        "P17": "pending",
     }
     assert cli("--verify", "-q", *args).code == 1
     apply = cli("--apply", "--json", *args)
     assert sorted(apply.json["written"]) == [
         "bitsandbytes/autograd/_functions.py",
+        "bitsandbytes/backends/cpu/ops.py",
         "peft/tuners/lora/layer.py",
         "peft/tuners/lora/model.py",
         "peft/tuners/tuners_utils.py",
@@ -194,6 +198,7 @@ def test_python_option_targets_another_environment(tmp_path: Path) -> None:
         "P14": "not-installed",
         "P15": "not-installed",
         "P16": "pending",
+        "P17": "not-installed",
     }
 
     assert run_cli_process("--apply", "-q", "--python", str(python)).code == 0

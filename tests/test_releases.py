@@ -115,6 +115,7 @@ def test_against_requirements_says_what_an_upgrade_changes(install, cli, tool_ca
         "P9@0.50.2": ("skipped", "skipped"),
         "P3@0.50.2": ("skipped", "skipped"),
         "P11@0.50.2": ("pending", "fixed-upstream"),
+        "P17@0.50.2": ("pending", "pending"),
     }
     assert rows["P10@5.6.0"]["change"] == "no longer needed after upgrading"
     assert rows["P13@5.6.0"]["change"] == "still needed: run --apply after upgrading"
@@ -220,6 +221,7 @@ def test_matrix_reproduces_the_known_facts_and_is_cached(
     assert all(cells["P16", v] == "pending" for v in transformers)
     assert (cells["P2", "0.49.2"], cells["P2", "0.50.2"]) == ("pending", "pending")
     assert (cells["P11", "0.49.2"], cells["P11", "0.50.2"]) == ("pending", "fixed-upstream")
+    assert (cells["P17", "0.49.2"], cells["P17", "0.50.2"]) == ("pending", "pending")
     assert [cells["P12", v] for v in ("0.19.1", "0.20.0", "0.21.2")] == ["pending"] * 3
     assert first.json["problems"] == []
     written = json.loads(matrix_file.read_text())

@@ -11,34 +11,37 @@ from pathlib import Path
 import pytest
 from conftest import run_cli_process, stack_python
 
+from validation.tiny_gemma4 import cpu_has_avx512f
+
 pytestmark = pytest.mark.stacks
 
 
 # P2's reproducer needs a CUDA GPU (accelerate offloads to "cpu" only beside one); its
 # records come from the lent H100. Here it must say so rather than pass or fail.
 GPU_ONLY = "P2"
+# P17's bug lives in the AVX-512 branch of bitsandbytes' native CPU library, which only a
+# CPU with AVX-512F takes: test_p17_reproducer_on_this_cpu checks what this CPU can show.
+AVX512_ONLY = "P17"
+CPU_REPRODUCERS = {"P10", "P11", "P12", "P13", "P14", "P15", "P16"}
 
 
-def validate(stack: str, records: Path) -> dict[str, dict]:
+def validate(stack: str, records: Path, *only: str) -> tuple[int, dict[str, dict], str]:
+    """--validate on a stack (every CPU reproducer, or `only`): exit code, records, output."""
+    selection = ("--only", ",".join(only)) if only else ("--skip", f"{GPU_ONLY},{AVX512_ONLY}")
     result = run_cli_process(
-        "--validate",
-        "--skip",
-        GPU_ONLY,
-        "--python",
-        str(stack_python(stack)),
-        "--records",
-        str(records),
+        "--validate", *selection, "--python", str(stack_python(stack)), "--records", str(records)
     )
-    assert result.code == 0, result.out + result.err
-    return {
+    found = {
         record["patch"]: record
         for record in (json.loads(p.read_text()) for p in sorted(records.glob("*.json")))
     }
+    return result.code, found, result.out + result.err
 
 
 def test_oldest_stack_shows_bug_then_fix(tmp_path: Path) -> None:
-    records = validate("oldest", tmp_path)
-    assert set(records) == {"P10", "P11", "P12", "P13", "P14", "P15", "P16"}
+    code, records, output = validate("oldest", tmp_path)
+    assert code == 0, output
+    assert set(records) == CPU_REPRODUCERS
     for record in records.values():
         assert record["before"]["outcome"] == "bug"
         assert record["after"]["outcome"] == "fine"
@@ -59,8 +62,9 @@ def test_oldest_stack_shows_bug_then_fix(tmp_path: Path) -> None:
 
 
 def test_newest_stack(tmp_path: Path) -> None:
-    records = validate("newest", tmp_path)
-    assert set(records) == {"P10", "P11", "P12", "P13", "P14", "P15", "P16"}
+    code, records, output = validate("newest", tmp_path)
+    assert code == 0, output
+    assert set(records) == CPU_REPRODUCERS
     for fixed_upstream in ("P10", "P11"):
         assert records[fixed_upstream]["before"]["outcome"] == "fine"
         assert records[fixed_upstream]["after"]["outcome"] == "not-applicable"
@@ -85,13 +89,31 @@ def test_newest_stack(tmp_path: Path) -> None:
     assert records["P16"]["after"]["outcome"] == "fine"
 
 
+@pytest.mark.parametrize("stack", ["oldest", "newest"])
+def test_p17_reproducer_on_this_cpu(stack: str, tmp_path: Path) -> None:
+    """With AVX-512F (this test's outcome depends on the CPU): the bug unpatched, fixed
+    patched, on bitsandbytes 0.49.2 and 0.50.2 alike. Without: both runs inconclusive, saying
+    what they need, and --validate exits 1. CI on either kind of CPU checks its branch."""
+    code, records, output = validate(stack, tmp_path, AVX512_ONLY)
+    record = records[AVX512_ONLY]
+    if cpu_has_avx512f():
+        assert code == 0, output
+        assert record["before"]["outcome"] == "bug" and record["after"]["fixed"] is True
+        assert "wrong scales" in record["before"]["error"]
+        assert "Linear4bit(96, 128)" in record["before"]["error"]
+        assert "AVX-512F" in record["after"]["error"]
+        assert record["device"] == "cpu"
+    else:
+        assert code == 1, output
+        for run in ("before", "after"):
+            assert record[run]["outcome"] == "inconclusive"
+            assert "needs an x86 CPU with AVX-512F" in record[run]["error"]
+
+
 def test_gpu_only_reproducer_is_inconclusive_on_cpu(tmp_path: Path) -> None:
-    result = run_cli_process(
-        "--validate", "--only", GPU_ONLY, "--python", str(stack_python("newest")),
-        "--records", str(tmp_path),
-    )  # fmt: skip
-    assert result.code == 1, result.out + result.err
-    (record,) = [json.loads(p.read_text()) for p in tmp_path.glob("*.json")]
+    code, records, output = validate("newest", tmp_path, GPU_ONLY)
+    assert code == 1, output
+    record = records[GPU_ONLY]
     for run in ("before", "after"):
         assert record[run]["outcome"] == "inconclusive"
         assert "needs a CUDA GPU" in record[run]["error"]

@@ -1,8 +1,8 @@
 """Run tests/torch (the tests that need torch and bitsandbytes) inside the real stack venvs,
 with copies of the stack's transformers patched by P13 and peft patched by P15 first on the
 path (the stack's own, unpatched packages stay reachable for tests that compare with stock
-behaviour in a subprocess), and tests/triton (the fused 4-bit kernels) in Triton's CPU
-interpreter."""
+behaviour in a subprocess), tests/patched_bnb with a copy of its bitsandbytes patched by
+P17, and tests/triton (the fused 4-bit kernels) in Triton's CPU interpreter."""
 
 from __future__ import annotations
 
@@ -27,10 +27,10 @@ TRITON = "triton==3.9.0"
 OVERLAY_PATCHES = ("P13", "P15")  # 4-bit experts, LoRA on them
 
 
-def patched_overlay(python: Path, dest: Path) -> Path:
-    """Copies of the stack's packages that OVERLAY_PATCHES target, patched, built the way
+def patched_overlay(python: Path, dest: Path, patch_ids: tuple[str, ...] = OVERLAY_PATCHES) -> Path:
+    """Copies of the stack's packages that `patch_ids` target, patched, built the way
     --validate builds its copies."""
-    chosen = [p for p in load_patches() if p.id in OVERLAY_PATCHES]
+    chosen = [p for p in load_patches() if p.id in patch_ids]
     env = locate({p.package for p in chosen}, python=str(python))
     store = StateStore(env.site_packages, env.state_dir)
     for patch in chosen:
@@ -75,6 +75,14 @@ def test_torch_suite(stack: str, tmp_path: Path) -> None:
     overlay = patched_overlay(python, tmp_path / "overlay")
     paths = [str(overlay), str(ROOT), str(ROOT / "validation")]
     run_pytest(python, ROOT / "tests" / "torch", paths)
+
+
+@pytest.mark.parametrize("stack", ["oldest", "newest"])
+def test_p17_patched_cpu_dequantization(stack: str, tmp_path: Path) -> None:
+    """tests/patched_bnb: P17's bitsandbytes on this CPU, whichever branch its kernel takes."""
+    python = stack_python(stack, extra=EXTRAS[stack])
+    overlay = patched_overlay(python, tmp_path / "overlay", ("P17",))
+    run_pytest(python, ROOT / "tests" / "patched_bnb", [str(overlay), str(ROOT / "validation")])
 
 
 def test_fused_kernel_in_the_triton_interpreter() -> None:

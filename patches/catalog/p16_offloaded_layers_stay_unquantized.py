@@ -8,7 +8,7 @@ import libcst as cst
 import libcst.matchers as m
 
 from patches.model import Patch, Status, Target
-from patches.transform import PatchTransform, injected_statements
+from patches.transform import PatchTransform
 
 SOURCE = Path(__file__).resolve().parent.parent / "inject" / "offload_unquantized.py"
 
@@ -40,12 +40,7 @@ class KeepOffloadedModulesUnquantized(PatchTransform):
         return self.insert_beside(updated_node, _RESOLVE_DEVICE_MAP, _CALL, before=False)
 
     def leave_Module(self, original_node: cst.Module, updated_node: cst.Module) -> cst.Module:
-        if self.rewritten != 1:
-            return updated_node
-        self.count_rewrite()
-        return updated_node.with_changes(
-            body=[*updated_node.body, *injected_statements(self, SOURCE)]
-        )
+        return self.with_injected(updated_node, SOURCE)
 
 
 PATCH = Patch(
