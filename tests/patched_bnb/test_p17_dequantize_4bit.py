@@ -33,8 +33,13 @@ def test_dequantize_4bit_equals_plain_torch(shape, blocksize, quant_type, dtype)
     weight = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(dtype)
     data, state = quantize_4bit(weight, blocksize=blocksize, quant_type=quant_type)
     # bitsandbytes returns a flat tensor as one row: compare the values.
-    got = dequantize_4bit(data, state).reshape(shape)
-    assert torch.equal(got, plain_dequantize_4bit(data, state))
+    got, expected = dequantize_4bit(data, state).reshape(shape), plain_dequantize_4bit(data, state)
+    if dtype == torch.float16:
+        # bitsandbytes 0.49's scalar loop (CPUs without AVX-512F) rounds float16 halves up,
+        # torch to even: one unit in the last place apart at most.
+        torch.testing.assert_close(got, expected, rtol=2**-10, atol=0)
+    else:
+        assert torch.equal(got, expected)
 
 
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])

@@ -5,10 +5,10 @@ These tests depend on the CPU they run on, and say which branch they checked:
   CPUs with AVX-512F, decided inside the C library (`__builtin_cpu_supports`), so Python
   cannot force the other one: each CPU checks its own branch, and CI on the other kind of
   CPU checks the other;
-- `Linear4bit.forward` in eval mode without gradients repacks its weight for a fused kernel
-  where `has_avx512bf16()` (kept per layer as `support_avx512bf16_for_cpu`). Setting that to
-  False forces the generic branch, which any CPU can run; forcing it to True elsewhere is not
-  safe (the fused kernel is only registered on CPUs with the instructions).
+- `Linear4bit.forward` in eval mode without gradients repacks its weight, in place, for a
+  fused kernel where `has_avx512bf16()` (kept per layer as `support_avx512bf16_for_cpu`).
+  Setting that to False forces the generic branch, which any CPU can run; forcing it to True
+  elsewhere is not safe (the fused kernel is only registered on CPUs with the instructions).
 
 Run by tests/test_torch_suite.py inside the stack venvs.
 """
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 from bitsandbytes.functional import dequantize_4bit, has_avx512bf16, quantize_4bit
+from bitsandbytes.nn import Linear4bit, Params4bit
 from tiny_gemma4 import cpu_has_avx512f, load_in_4bit, plain_dequantize_4bit, text_config
 
 
@@ -75,3 +76,26 @@ def test_eval_forward_of_the_tiny_model_agrees_on_both_linear4bit_branches() -> 
         assert relative(this_cpu, generic) < 0.02, name
     with torch.no_grad():
         assert torch.isfinite(model(ids).logits).all()
+
+
+def test_eval_forward_repacks_linear4bit_weights_in_place_on_avx512_bf16() -> None:
+    """Why test_p13_loading keeps Linear4bit on the generic branch before model.dequantize():
+    where `has_avx512bf16()`, one eval forward without gradients leaves the weight in the
+    fused kernel's layout, and bitsandbytes' dequantize_4bit (which transformers'
+    model.dequantize() and PEFT's merge call) then reads it as the plain one. Elsewhere
+    nothing changes."""
+    torch.manual_seed(0)
+    layer = Linear4bit(128, 64, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4")
+    layer.weight = Params4bit(
+        torch.randn(64, 128).to(torch.bfloat16), requires_grad=False, quant_type="nf4"
+    )
+    layer = layer.to("cpu").eval()
+    before = dequantize_4bit(layer.weight.data, layer.weight.quant_state)
+    with torch.no_grad():
+        layer(torch.randn(3, 128, dtype=torch.bfloat16))
+    after = dequantize_4bit(layer.weight.data, layer.weight.quant_state)
+    if has_avx512bf16():
+        assert layer.weight.quant_state.packing_format_for_cpu
+        assert relative(after, before) > 0.5
+    else:
+        assert torch.equal(after, before)

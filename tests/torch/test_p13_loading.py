@@ -97,7 +97,10 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def test_logits_stay_close_to_bf16(checkpoint) -> None:
-    path, reference = checkpoint
+    path = checkpoint[0]
+    # Loaded like the 4-bit model, so its float32 buffers (RoPE frequencies) match; the
+    # in-memory model's .to(bfloat16) rounded them, which flips routing decisions.
+    reference = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
     ids = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(1))
     experts_only = load(path, llm_int8_skip_modules=NOT_EXPERTS)
     assert "Linear4bit" not in {type(m).__name__ for m in experts_only.modules()}
@@ -112,9 +115,8 @@ def test_logits_stay_close_to_bf16(checkpoint) -> None:
         expected, logits = reference(ids).logits, experts_only(ids).logits
         same_weights = rounded(ids).logits
         everything = load(path)(ids).logits
-    # Given the same 4-bit weights, the packed path computes what the BF16 path computes, up to
-    # BF16 rounding (which can flip a borderline routing decision in the second layer).
-    assert cosine(logits, same_weights) > 0.99
+    # Given the same 4-bit weights, the packed path computes what the BF16 path computes.
+    assert cosine(logits, same_weights) > 0.999
     # NF4 rounding of random Gaussian experts, through two layers.
     assert cosine(logits, expected) > 0.85
     # Every Linear in NF4 as well: a tiny random model amplifies quantization error.
@@ -162,6 +164,12 @@ def test_save_pretrained_refuses_packed_experts_and_says_what_to_do(checkpoint, 
 
 def test_dequantize_restores_bf16_experts_that_save_and_reload(checkpoint, tmp_path) -> None:
     model = load(checkpoint[0])
+    # On a CPU with AVX512-BF16, an eval forward without gradients repacks every Linear4bit's
+    # weight in place for bitsandbytes' fused kernel, and model.dequantize() then reads it as
+    # the plain layout (tests/torch/test_cpu_branches.py): keep them on the generic branch.
+    for module in model.modules():
+        if type(module).__name__ == "Linear4bit":
+            module.support_avx512bf16_for_cpu = False
     ids = torch.randint(0, 512, (1, 12), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         packed_logits = model(ids).logits
