@@ -281,7 +281,8 @@ class StackpatchExperts4bitDeserialize(ConversionOps):
             raise _fail(
                 full_layer_name,
                 "the checkpoint holds these experts packed in 4 bits but the model keeps them "
-                "unquantized (llm_int8_skip_modules): load without skipping them",
+                "unquantized (llm_int8_skip_modules, or a device_map that offloads them to cpu "
+                "or disk): load them onto the GPU without skipping them",
             )
         expected = tuple(model.get_parameter(full_layer_name).shape)
         param = bnb.nn.Params4bit.from_prequantized(

@@ -501,3 +501,15 @@ def test_the_gpu_benchmark_runs_on_a_tiny_model(tmp_path) -> None:
         "| load time (from_pretrained) |"
         in (folders["results"] / "quantized_checkpoint.md").read_text()
     )
+
+
+def test_skipping_packed_experts_is_refused_in_one_line(saved, tmp_path) -> None:
+    """A packed checkpoint whose config keeps the experts unquantized cannot be loaded."""
+    edited = tmp_path / "edited"
+    shutil.copytree(saved[0], edited)
+    config = json.loads((edited / "config.json").read_text())
+    config["quantization_config"]["llm_int8_skip_modules"].append("experts")
+    (edited / "config.json").write_text(json.dumps(config))
+    with pytest.raises(StackpatchCheckpointError, match="the model's are not packed") as raised:
+        load(edited)
+    assert "\n" not in str(raised.value)
