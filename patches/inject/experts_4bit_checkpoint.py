@@ -65,6 +65,7 @@ _PACKED_STATE_PREFIX = "quant_state.bitsandbytes__"
 # The JSON entries a packed quant state must hold to describe a tensor.
 _STATE_FIELDS = ("quant_type", "blocksize", "dtype", "shape")
 _NESTED_FIELDS = ("nested_blocksize", "nested_dtype", "nested_offset")
+_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # those bitsandbytes quantizes with
 
 
 # An entry of a saved llm_int8_skip_modules: a regular expression that cannot compile, whose
@@ -230,7 +231,7 @@ def _check_consistent(
     """The quant state's own description against the sizes of the tensors beside it."""
     values = math.prod(state["shape"])
     blocksize = state["blocksize"]
-    if state["quant_type"] not in ("nf4", "fp4") or blocksize not in (32, 64, 128, 256, 512):
+    if state["quant_type"] not in ("nf4", "fp4") or blocksize not in _BLOCKSIZES:
         raise _fail(where, f"unknown quant type or blocksize ({state['quant_type']}, {blocksize})")
     if packed_bytes * 2 != values:
         shape = tuple(state["shape"])
