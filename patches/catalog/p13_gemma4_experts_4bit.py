@@ -16,6 +16,7 @@ SOURCES = (
     INJECT / "whole_block_rows.py",
     INJECT / "experts_4bit.py",
     INJECT / "bnb_experts_hooks.py",
+    INJECT / "experts_4bit_checkpoint.py",
 )
 
 # `if issubclass(module.source_cls, Conv1D):` — only Linear4bit replacements have source_cls.
@@ -63,37 +64,56 @@ _CALL_PREPARE = (
     "self._stackpatch_packed_experts = stackpatch_prepare_experts_4bit(\n"
     "    model, self.modules_to_not_convert, self.quantization_config\n"
     ")\n",
+    "from ..integrations.bitsandbytes import stackpatch_prepare_experts_checkpoint\n",
+    'stackpatch_prepare_experts_checkpoint(model, self, kwargs.get("checkpoint_files"))\n',
 )
 _CALL_NEEDS = (
     "from ..integrations.bitsandbytes import stackpatch_experts_needs_quantization\n",
     "if stackpatch_experts_needs_quantization(model, param_name):\n    return True\n",
 )
-_CALL_SERIALIZABLE = (
-    "from ..integrations.bitsandbytes import stackpatch_experts_block_saving\n",
-    "if stackpatch_experts_block_saving(self):\n    return False\n",
+_CALL_STRIP_GUARD = (
+    "from ..integrations.bitsandbytes import stackpatch_strip_checkpoint_guard\n",
+    "stackpatch_strip_checkpoint_guard(self.quantization_config)\n",
+)
+_CALL_AFTER_LOADING = (
+    "from ..integrations.bitsandbytes import stackpatch_finish_experts_loading\n",
+    "stackpatch_finish_experts_loading(self, model)\n",
 )
 _CALL_DEQUANTIZE = (
     "from ..integrations.bitsandbytes import stackpatch_dequantize_experts\n",
     "stackpatch_dequantize_experts(model, dtype)\n",
     "self._stackpatch_packed_experts = 0\n",
 )
-# Method of Bnb4BitHfQuantizer -> (put the hook first?, the hook's statements).
+# Method of Bnb4BitHfQuantizer -> (statements put first, statements put last).
 _HOOKS = {
-    "param_needs_quantization": (True, _CALL_NEEDS),
-    "_process_model_before_weight_loading": (False, _CALL_PREPARE),
-    "is_serializable": (True, _CALL_SERIALIZABLE),
-    "_dequantize": (True, _CALL_DEQUANTIZE),
+    "param_needs_quantization": (_CALL_NEEDS, ()),
+    "_process_model_before_weight_loading": (_CALL_STRIP_GUARD, _CALL_PREPARE),
+    "_process_model_after_weight_loading": (_CALL_AFTER_LOADING, ()),
+    "_dequantize": (_CALL_DEQUANTIZE, ()),
 }
+
+
+_CONVERSIONS = "stackpatch_experts_weight_conversions"
+_IMPORT_CONVERSIONS = f"from ..integrations.bitsandbytes import {_CONVERSIONS}\n"
+# transformers 5.23 moved the quantizer's converter into HfQuantizer.get_weight_conversions
+# (built from `serialized_names`); before, Bnb4BitHfQuantizer defines its own.
+_GET_WEIGHT_CONVERSIONS = (
+    "def get_weight_conversions(self):\n"
+    f"    {_IMPORT_CONVERSIONS}"
+    f"    return {_CONVERSIONS}(self, super().get_weight_conversions())\n"
+)
 
 
 class QuantizeExpertsInBnb4bitQuantizer(PatchTransform):
     DESCRIPTION = (
-        "Hook the 4-bit quantizer: prepare experts modules before loading, report their fused "
-        "parameters as needing quantization, refuse to serialize packed experts, and "
-        "dequantize them in model.dequantize()."
+        "Hook the 4-bit quantizer: prepare experts modules before loading (and check a "
+        "pre-quantized checkpoint's packed experts), report their fused parameters as needing "
+        "quantization, add converters that load packed experts with their quant state, forget "
+        "the irreversible deserialization converters after loading, and dequantize packed "
+        "experts in model.dequantize()."
     )
     SCOPE = ("Bnb4BitHfQuantizer",)
-    SITES = len(_HOOKS)
+    SITES = len(_HOOKS) + 1  # and get_weight_conversions
 
     def leave_scope(  # type: ignore[override]
         self, original_node: cst.ClassDef, updated_node: cst.ClassDef
@@ -101,21 +121,70 @@ class QuantizeExpertsInBnb4bitQuantizer(PatchTransform):
         if self.carries_marker(original_node):
             return updated_node
         body = []
+        conversions_found = False
         for statement in cst.ensure_type(updated_node.body, cst.IndentedBlock).body:
             if isinstance(statement, cst.FunctionDef) and statement.name.value in _HOOKS:
-                first, sources = _HOOKS[statement.name.value]
-                statement = self._insert(statement, sources, first)
+                first, last = _HOOKS[statement.name.value]
+                statement = self._insert(statement, first, last)
+            elif m.matches(statement, m.FunctionDef(name=m.Name("get_weight_conversions"))):
+                statement = self._wrap_returns(cst.ensure_type(statement, cst.FunctionDef))
+                conversions_found = True
             body.append(statement)
+        if not conversions_found:
+            self.count_rewrite()
+            method = self.marked_statement(_GET_WEIGHT_CONVERSIONS)
+            body.append(method.with_changes(leading_lines=[cst.EmptyLine(indent=False)]))
         return updated_node.with_changes(body=updated_node.body.with_changes(body=body))
 
     def _insert(
-        self, function: cst.FunctionDef, sources: tuple[str, ...], first: bool
+        self, function: cst.FunctionDef, first: tuple[str, ...], last: tuple[str, ...]
     ) -> cst.FunctionDef:
         self.count_rewrite()
         body = cst.ensure_type(function.body, cst.IndentedBlock)
-        hook = [self.marked_statement(source) for source in sources]
-        statements = [*hook, *body.body] if first else [*body.body, *hook]
+        before = [self.marked_statement(source) for source in first]
+        after = [self.marked_statement(source) for source in last]
+        return function.with_changes(body=body.with_changes(body=[*before, *body.body, *after]))
+
+    def _wrap_returns(self, function: cst.FunctionDef) -> cst.FunctionDef:
+        """`return X` -> `return stackpatch_experts_weight_conversions(self, X)`."""
+        self.count_rewrite()
+        function = cst.ensure_type(function.visit(_WrapReturns(self)), cst.FunctionDef)
+        body = cst.ensure_type(function.body, cst.IndentedBlock)
+        statements = [self.marked_statement(_IMPORT_CONVERSIONS), *body.body]
         return function.with_changes(body=body.with_changes(body=statements))
+
+
+class _WrapReturns(cst.CSTTransformer):
+    """Wraps the value of every return statement of one function (not of nested ones)."""
+
+    def __init__(self, transform: PatchTransform) -> None:
+        self.transform = transform
+        self.depth = 0
+
+    def visit_FunctionDef(self, node: cst.FunctionDef) -> bool:
+        self.depth += 1
+        return self.depth == 1
+
+    def leave_FunctionDef(
+        self, original_node: cst.FunctionDef, updated_node: cst.FunctionDef
+    ) -> cst.FunctionDef:
+        self.depth -= 1
+        return updated_node
+
+    def leave_SimpleStatementLine(
+        self, original_node: cst.SimpleStatementLine, updated_node: cst.SimpleStatementLine
+    ) -> cst.SimpleStatementLine:
+        statement = updated_node.body[0]
+        if not isinstance(statement, cst.Return) or statement.value is None:
+            return updated_node
+        value = cst.Call(
+            func=cst.Name(_CONVERSIONS),
+            args=[cst.Arg(cst.Name("self")), cst.Arg(statement.value)],
+        )
+        trailing = self.transform.trailing_marker(existing=updated_node.trailing_whitespace)
+        return updated_node.with_changes(
+            body=[statement.with_changes(value=value)], trailing_whitespace=trailing
+        )
 
 
 PATCH = Patch(
@@ -141,16 +210,31 @@ PATCH = Patch(
         "in registers (no BF16 copy, forward or backward); elsewhere it dequantizes a chunk of "
         "experts at a time (256 MiB by default), runs grouped GEMM over the tokens routed to "
         "them, and dequantizes again in backward. model.dequantize() turns the experts back "
-        "into BF16 Parameters (which save and reload); save_pretrained on the packed model "
-        "refuses, with a warning that says to save the LoRA adapter or dequantize first, "
-        "because the packed layout cannot be loaded back. LoRA on the experts (peft "
-        "target_parameters) needs float weights: keep them BF16 with "
-        "llm_int8_skip_modules=['experts']."
+        "into BF16 Parameters. save_pretrained writes packed experts in bitsandbytes' own "
+        "serialization: the packed tensor under the parameter's name and the entries of "
+        "QuantState.as_dict(packed=True) beside it (absmax, quant_map, nested_absmax, "
+        "nested_quant_map, quant_state.bitsandbytes__nf4 or __fp4), as a Linear4bit writes its "
+        "weight. from_pretrained of such a checkpoint rebuilds them with "
+        "Params4bit.from_prequantized on the device the bytes are read to: no re-quantization "
+        "and no float copy of an expert; it first checks every packed expert's entries in the "
+        "safetensors headers, so a truncated or damaged shard fails in one line. The saved "
+        "llm_int8_skip_modules (the modules really left unquantized) starts with an entry that "
+        "unpatched transformers cannot compile as a regular expression, whose error says the "
+        "checkpoint needs P13 (without it transformers 5.5-5.22 loads the packed bytes into the "
+        "BF16 parameters and fails at the first forward, 5.23 with an unexplained size "
+        "mismatch); P13 removes it before transformers reads the list. After loading, the "
+        "4-bit deserialization converters are dropped from the conversions transformers keeps "
+        "for saving: it cannot reverse them, and stock save_pretrained of any reloaded 4-bit "
+        "model raises NotImplementedError. LoRA on the experts (peft target_parameters) trains "
+        "on the packed experts with P15."
     ),
     references=(
         "unsloth PR 'gemma-4 moe: per-expert Linear4bit swap so 26B-A4B fits at 4-bit': "
         "https://github.com/unslothai/unsloth/pull/5432",
         "bench/results/moe_experts.md",
+        "unsloth-zoo PR 'Load prequantized bnb 4-bit MoE expert checkpoints under transformers "
+        "v5' (#856): the same key layout for fused experts",
+        "bench/quantized_checkpoint.py: the 26B-A4B 4-bit checkpoint against quantizing on load",
     ),
     reproducer="validation/p13_gemma4_experts_4bit.py",
 )

@@ -9,6 +9,8 @@ transformers/integrations/bitsandbytes.py, and calls the hooks from the 4-bit qu
 - `stackpatch_experts_needs_quantization` makes `param_needs_quantization` say yes for those
   parameters, so transformers' own Bnb4bitQuantize quantizes each one as it is loaded and
   the BF16 tensor never stays on the GPU longer than one parameter;
+- experts_4bit_checkpoint.py saves the packed experts with their quant state and loads
+  them back;
 - `bnb_4bit_experts_forward` is registered in transformers' ExpertsInterface; it runs the
   LoRA adapters that peft's ParamWrapper (patched by P15) hands over through
   `stackpatch_expert_lora` beside the packed weights.
@@ -100,24 +102,6 @@ def stackpatch_dequantize_experts(model: torch.nn.Module, dtype: torch.dtype | N
             config._experts_implementation = config._stackpatch_previous_experts_implementation
         changed += 1
     return changed
-
-
-STACKPATCH_NOT_SERIALIZABLE = (
-    "stackpatch P13: this model's MoE experts are packed to 4 bits in a layout "
-    "from_pretrained cannot load back, so save_pretrained refuses the model. Save the LoRA "
-    "adapter instead (PeftModel.save_pretrained, then load it onto the original checkpoint "
-    "with load_in_4bit), or call model.dequantize() first and save the BF16 model."
-)
-
-
-def stackpatch_experts_block_saving(quantizer) -> bool:
-    """True (and says why, once) when the quantizer packed experts: save_pretrained must refuse."""
-    if not getattr(quantizer, "_stackpatch_packed_experts", 0):
-        return False
-    from transformers.utils import logging
-
-    logging.get_logger("transformers.quantizers").warning_once(STACKPATCH_NOT_SERIALIZABLE)
-    return True
 
 
 @contextlib.contextmanager

@@ -153,15 +153,6 @@ def test_backward_reaches_the_input_through_the_experts(checkpoint) -> None:
     assert hidden.grad is not None and hidden.grad.abs().sum() > 0
 
 
-def test_save_pretrained_refuses_packed_experts_and_says_what_to_do(checkpoint, tmp_path) -> None:
-    model = load(checkpoint[0])
-    assert model.hf_quantizer.is_serializable() is False
-    with pytest.raises(ValueError, match="not serializable"):
-        model.save_pretrained(tmp_path / "saved")
-    assert not (tmp_path / "saved" / "model.safetensors").exists()
-    assert "Save the LoRA adapter" in bnb_integration.STACKPATCH_NOT_SERIALIZABLE
-
-
 def test_dequantize_restores_bf16_experts_that_save_and_reload(checkpoint, tmp_path) -> None:
     model = load(checkpoint[0])
     # On a CPU with AVX512-BF16, an eval forward without gradients repacks every Linear4bit's
