@@ -12,34 +12,22 @@ from __future__ import annotations
 import torch
 import transformers.integrations.bitsandbytes as integration
 from peft import LoraConfig, get_peft_model
-from tiny_gemma4 import bug, fine, load_in_4bit, text_config
+from tiny_gemma4 import bug, fine, load_in_4bit, text_config, train_steps
 
 if not hasattr(integration, "stackpatch_prepare_experts_4bit"):
     raise SystemExit("inconclusive: transformers without P13 keeps the experts in BF16")
 
 torch.manual_seed(0)
-# A router of 32 outputs and expert rows of whole 64-value blocks: sizes bitsandbytes' CPU
-# kernels take on every CPU.
-model = load_in_4bit(text_config(num_experts=32, moe_intermediate_size=64))
+model = load_in_4bit(text_config())
 
 lora = LoraConfig(
     r=4,
     target_modules=["q_proj", "v_proj"],
     target_parameters=["experts.gate_up_proj", "experts.down_proj"],
 )
-batch = torch.randint(0, 512, (4, 16), generator=torch.Generator().manual_seed(1))
-losses = []
 try:
     peft_model = get_peft_model(model, lora)
-    peft_model.train()
-    trainable = [p for p in peft_model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=5e-3)
-    for _ in range(6):
-        loss = peft_model(input_ids=batch, labels=batch).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
+    losses = train_steps(peft_model, steps=6, lr=5e-3, seed=1)
 except Exception as exc:  # whatever peft or torch raise on the way is the bug's face
     bug(exc)
 

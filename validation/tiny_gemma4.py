@@ -84,6 +84,24 @@ def load_in_4bit(config):
         )
 
 
+def train_steps(model, steps: int, lr: float, seed: int = 2) -> list[float]:
+    """`steps` AdamW steps of a causal LM on one fixed random batch (4 x 16 token ids below
+    the tiny vocabulary, its own labels); the losses, one per step."""
+    import torch
+
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    batch = torch.randint(0, 512, (4, 16), generator=torch.Generator().manual_seed(seed))
+    losses = []
+    for _ in range(steps):
+        loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
 # Fractions of the model's unquantized size tried as the memory budget of `load_split`: accelerate
 # reserves room for the largest layer, and quantized layers are smaller, so one fraction
 # does not split every format.

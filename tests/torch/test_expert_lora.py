@@ -18,7 +18,7 @@ import pytest
 import torch
 import transformers
 from peft import LoraConfig, PeftModel, get_peft_model
-from tiny_gemma4 import text_config
+from tiny_gemma4 import TEXT, text_config, train_steps
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, Gemma4ForCausalLM
 
@@ -32,8 +32,7 @@ from patches.inject.experts_4bit import (
 
 EXPERT_WEIGHTS = ["experts.gate_up_proj", "experts.down_proj"]
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
-# Rows of whole 64-value blocks and a router whose outputs bitsandbytes' CPU kernels take.
-CONFIG = {"num_experts": 32, "top_k_experts": 4, "moe_intermediate_size": 64}
+CONFIG = {"top_k_experts": 4}  # four experts per token: more routed rows for the adapters
 IDS = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(11))
 
 
@@ -243,20 +242,6 @@ def lora(**overrides) -> LoraConfig:
     return LoraConfig(**settings)
 
 
-def train(model: torch.nn.Module, steps: int = 6) -> list[float]:
-    model.train()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    batch = torch.randint(0, 512, (4, 16), generator=torch.Generator().manual_seed(3))
-    losses = []
-    for _ in range(steps):
-        loss = model(input_ids=batch, labels=batch).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
-    return losses
-
-
 def logits(model: torch.nn.Module) -> torch.Tensor:
     # Train mode (Gemma 4 has no dropout): there a 4-bit Linear dequantizes and multiplies as
     # its BF16 counterpart does. In eval mode on CPUs with AVX512-BF16, bitsandbytes switches
@@ -334,7 +319,7 @@ def test_adapter_trained_packed_means_the_same_in_stock_peft(checkpoints, tmp_pa
     weights are the NF4 values: the same logits."""
     original, rounded = checkpoints
     model = get_peft_model(load_packed(original, torch.float32), lora())
-    losses = train(model)
+    losses = train_steps(model, steps=6, lr=1e-2, seed=3)
     assert losses[-1] < losses[0] - 0.2, losses
     assert all(getattr(m, "_stackpatch_4bit_experts", False) for m in experts_of(model))
     expert_b = [p for n, p in model.named_parameters() if "experts" in n and "lora_B" in n]
@@ -362,7 +347,8 @@ def test_saved_keys_and_shapes_are_peft_format(checkpoints, tmp_path) -> None:
     model = get_peft_model(load_packed(checkpoints[0]), lora(r=3, target_modules=[]))
     model.save_pretrained(tmp_path)
     saved = load_file(tmp_path / "adapter_model.safetensors")
-    hidden, inner, experts = 64, CONFIG["moe_intermediate_size"], CONFIG["num_experts"]
+    hidden, inner = TEXT["hidden_size"], TEXT["moe_intermediate_size"]
+    experts = TEXT["num_experts"]
     prefix = "base_model.model.model.layers.0.experts"
     assert saved[f"{prefix}.base_layer.lora_A.weight"].shape == (3 * experts, hidden)
     assert saved[f"{prefix}.base_layer.lora_B.weight"].shape == (2 * inner, 3 * experts)
@@ -393,7 +379,7 @@ def test_checkpointing_gives_the_same_gradients(checkpoints) -> None:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_merge_and_unload_gives_float_experts_with_the_deltas(checkpoints, dtype) -> None:
     model = get_peft_model(load_packed(checkpoints[0], dtype), lora(target_modules=[]))
-    train(model, steps=3)
+    train_steps(model, steps=3, lr=1e-2, seed=3)
     before = logits(model)
     merged = model.merge_and_unload()
     for module in experts_of(merged):

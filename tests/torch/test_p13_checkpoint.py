@@ -22,7 +22,7 @@ from bitsandbytes.functional import dequantize_4bit
 from peft import LoraConfig, get_peft_model
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from tiny_gemma4 import multimodal_config, text_config
+from tiny_gemma4 import multimodal_config, text_config, train_steps
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import (
     AutoModelForCausalLM,
@@ -318,16 +318,7 @@ def test_reloaded_model_trains_lora_on_attention_and_packed_experts(saved) -> No
             target_parameters=["experts.gate_up_proj", "experts.down_proj"],
         ),
     )
-    model.train()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    batch = torch.randint(0, 512, (4, 16), generator=torch.Generator().manual_seed(2))
-    losses = []
-    for _ in range(6):
-        loss = model(input_ids=batch, labels=batch).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
+    losses = train_steps(model, steps=6, lr=1e-2)
     assert losses[-1] < losses[0] - 0.05, losses
     expert_b = [p for n, p in model.named_parameters() if ".experts." in n and "lora_B" in n]
     assert expert_b and all(p.abs().sum() > 0 for p in expert_b)

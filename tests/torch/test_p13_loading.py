@@ -15,7 +15,7 @@ import torch
 import transformers.integrations.bitsandbytes as bnb_integration
 from bitsandbytes.functional import dequantize_4bit
 from peft import LoraConfig, get_peft_model
-from tiny_gemma4 import TEXT, text_config
+from tiny_gemma4 import TEXT, text_config, train_steps
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, Gemma4ForCausalLM
 
 # Every Linear of the model; a user's skip list replaces transformers' default, so lm_head too.
@@ -130,16 +130,7 @@ def test_lora_training_steps_reduce_loss(checkpoint) -> None:
     model = get_peft_model(
         model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"])
     )
-    model.train()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
-    batch = torch.randint(0, 512, (4, 16), generator=torch.Generator().manual_seed(2))
-    losses = []
-    for _ in range(8):
-        loss = model(input_ids=batch, labels=batch).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
+    losses = train_steps(model, steps=8, lr=3e-3)
     assert all(torch.isfinite(torch.tensor(losses)))
     assert losses[-1] < losses[0] - 0.05, losses
 
