@@ -29,6 +29,8 @@ from fast_paths import WIDE_KERNELS  # noqa: E402  (after the path set-up above)
 NEEDED_ALWAYS = ("P10",)
 NEEDED_FOR_MOE = ("P13",)
 NEEDED_FOR_EXPERT_LORA = ("P15",)
+# Under DDP, ranks whose hash seed orders the attention types unlike rank 0 get scrambled RoPE.
+NEEDED_FOR_DDP = ("P18",)
 LORA_ATTENTION = r"^model\.(language_model\.)?layers\.\d+\.self_attn\.(q|k|v|o)_proj$"
 EXPERT_PARAMETERS = ["experts.gate_up_proj", "experts.down_proj"]
 
@@ -106,6 +108,7 @@ def check_patched(moe: bool, expert_lora: bool) -> None:
 
     needed = NEEDED_ALWAYS + (NEEDED_FOR_MOE if moe else ())
     needed += NEEDED_FOR_EXPERT_LORA if expert_lora else ()
+    needed += NEEDED_FOR_DDP if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ()
     problems = verify_problems(set(needed))
     if problems:
         consequence = (

@@ -52,6 +52,7 @@ def test_check_reports_pending_with_documented_json(synthetic_site: Path, cli) -
         "P15": "pending",
         "P16": "pending",
         "P17": "pending",
+        "P18": "pending",
     }
     assert report["patches"][0]["installed_version"] == "0.49.2"
 
@@ -74,6 +75,7 @@ def test_apply_verify_revert_round_trip(synthetic_site: Path, cli) -> None:
         "P15": "applied",
         "P16": "applied",
         "P17": "applied",
+        "P18": "applied",
     }
     assert sorted(applied.json["written"]) == EVERY_FILE
     assert "# stackpatch P10" in (synthetic_site / MODELING).read_text()
@@ -104,7 +106,7 @@ def test_manifest_records_versions_and_hashes(synthetic_site: Path, cli) -> None
     assert manifest["tool_version"]
     record = next(r for r in manifest["files"] if r["path"] == MODELING)
     assert record["package"] == "transformers" and record["version"] == "5.5.4"
-    assert record["patches"] == ["P10"]
+    assert record["patches"] == ["P10", "P18"]
     backup = synthetic_site / ".stackpatch" / "backups" / record["sha256_before"]
     assert backup.read_bytes() == original
 
@@ -136,12 +138,13 @@ def test_only_and_skip_select_patches(synthetic_site: Path, cli) -> None:
         "P15": "pending",
         "P16": "pending",
         "P17": "pending",
+        "P18": "pending",
     }
-    assert cli("--verify", "--skip", "P2,P3,P11,P12,P13,P14,P15,P16,P17", "-q", *site).code == 0
+    assert cli("--verify", "--skip", "P2,P3,P11,P12,P13,P14,P15,P16,P17,P18", "-q", *site).code == 0
     skipped = cli("--check", "--json", "--skip", "P10,P1", *site).json["patches"]
     assert [p["id"] for p in skipped] == [
         "P2", "P3", "P4", "P5", "P6", "P7", "P8", "P9", "P11", "P12", "P13", "P14", "P15", "P16",
-        "P17",
+        "P17", "P18",
     ]  # fmt: skip
 
 
@@ -163,6 +166,7 @@ def test_partial_revert_keeps_other_files(synthetic_site: Path, cli) -> None:
         "P15": "applied",
         "P16": "applied",
         "P17": "applied",
+        "P18": "applied",
     }
 
 

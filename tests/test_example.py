@@ -7,6 +7,7 @@ transformers/peft/bitsandbytes copies stackpatch patches for real.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import time
@@ -124,6 +125,12 @@ def test_refuses_an_unpatched_stack(tmp_path: Path) -> None:
     assert "P10" in result.stderr and "P13" in result.stderr
     assert f"apply_patches.py --apply --python {python}" in result.stderr
     assert "Traceback" not in result.stderr
+    # One process needs no P18; a rank of a distributed run does (checked before any rank
+    # waits for the others, so this process alone gets the refusal).
+    assert "P18" not in result.stderr
+    ranks = {**os.environ, "WORLD_SIZE": "2"}
+    rank = train(python, tmp_path / "rank", "--max-steps", "1", env=ranks)
+    assert rank.returncode == 2 and "P18 [transformers 5.5.4]" in rank.stderr
 
 
 def test_training_env_without_stackpatch_dependencies(tmp_path: Path) -> None:
@@ -277,10 +284,11 @@ def test_accumulation_and_ranks_give_the_same_step(oldest: Path, tmp_path: Path)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     loss, grad_norm = first_step(one_batch)
     for out in (accumulated, two_ranks):
-        # Equal in exact arithmetic. Under torch.distributed on CPU the same inputs and weights
-        # gave three outcomes over repeated runs (loss 6.2305 / 6.2489 / 6.2510, grad norm
-        # 2.10 / 2.46 / 2.38): rounding flips a near-tied top-k routing of the random tiny MoE.
-        # The bugs guarded against are factors: 2 (ranks), 8 (accumulation).
+        # Equal in exact arithmetic; measured 0.002% (loss) and 0.35% (gradient norm) apart,
+        # run after run. The bugs guarded against are factors of 2 (ranks) and 8 (accumulation),
+        # and rank 1 training on other rotary frequencies than rank 0 when its hash seed orders
+        # Gemma 4's attention types differently (P18; without it the norm came out 2.15, 2.31
+        # or 2.75 against 2.14, from run to run).
         other_loss, other_norm = first_step(out)
-        assert other_loss == pytest.approx(loss, rel=0.01), out.name
-        assert other_norm == pytest.approx(grad_norm, rel=0.25), out.name
+        assert other_loss == pytest.approx(loss, rel=1e-3), out.name
+        assert other_norm == pytest.approx(grad_norm, rel=0.05), out.name

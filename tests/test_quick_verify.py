@@ -319,6 +319,8 @@ def test_verify_q_imports_neither_libcst_nor_rich_nor_the_catalog(
     assert out == (
         "problem: P10 [transformers 5.5.4] drifted: patched file changed since apply "
         f"({MODELING} is back to its original bytes (reinstalled?); run --apply)\n"
+        "problem: P18 [transformers 5.5.4] drifted: patched file changed since apply "
+        f"({MODELING} is back to its original bytes (reinstalled?); run --apply)\n"
     )
 
 

@@ -53,6 +53,7 @@ def test_old_stack_full_cycle(install, cli) -> None:
         "P15": "pending",
         "P16": "pending",
         "P17": "pending",
+        "P18": "pending",
     }
     assert check.json["environment"]["packages"] == {
         "bitsandbytes": "0.49.2",
@@ -80,6 +81,7 @@ def test_old_stack_full_cycle(install, cli) -> None:
         "P15": "applied",
         "P16": "applied",
         "P17": "applied",
+        "P18": "drifted",
     }
 
     assert cli("--apply", "-q", *args).code == 0
@@ -115,6 +117,7 @@ def test_new_stack_needs_the_peft_bnb_and_experts_patches(install, cli) -> None:
         "P15": "pending",
         "P16": "pending",
         "P17": "pending",
+        "P18": "fixed-upstream",
     }
     assert cli("--verify", "-q", *args).code == 1
     apply = cli("--apply", "--json", *args)
@@ -199,6 +202,7 @@ def test_python_option_targets_another_environment(tmp_path: Path) -> None:
         "P15": "not-installed",
         "P16": "pending",
         "P17": "not-installed",
+        "P18": "pending",
     }
 
     assert run_cli_process("--apply", "-q", "--python", str(python)).code == 0
