@@ -19,10 +19,13 @@ P13_FILES = (
     "transformers/quantizers/quantizer_bnb_4bit.py",
 )
 MODELING_UTILS = "transformers/modeling_utils.py"
+CORE_MODEL_LOADING = "transformers/core_model_loading.py"
 CPU_OPS = "bitsandbytes/backends/cpu/ops.py"
 BITSANDBYTES_FILES = (FUNCTIONS, MODULES, CPU_OPS)
 PEFT_FILES = (LORA_MODEL, LORA_LAYER, TUNERS_UTILS)
-EVERY_FILE = sorted([*BITSANDBYTES_FILES, *PEFT_FILES, MODELING, MODELING_UTILS, *P13_FILES])
+EVERY_FILE = sorted(
+    [*BITSANDBYTES_FILES, *PEFT_FILES, MODELING, MODELING_UTILS, CORE_MODEL_LOADING, *P13_FILES]
+)
 
 
 def test_check_reports_pending_with_documented_json(synthetic_site: Path, cli) -> None:
@@ -53,6 +56,7 @@ def test_check_reports_pending_with_documented_json(synthetic_site: Path, cli) -
         "P16": "pending",
         "P17": "pending",
         "P18": "pending",
+        "P19": "pending",
     }
     assert report["patches"][0]["installed_version"] == "0.49.2"
 
@@ -76,6 +80,7 @@ def test_apply_verify_revert_round_trip(synthetic_site: Path, cli) -> None:
         "P16": "applied",
         "P17": "applied",
         "P18": "applied",
+        "P19": "applied",
     }
     assert sorted(applied.json["written"]) == EVERY_FILE
     assert "# stackpatch P10" in (synthetic_site / MODELING).read_text()
@@ -139,12 +144,16 @@ def test_only_and_skip_select_patches(synthetic_site: Path, cli) -> None:
         "P16": "pending",
         "P17": "pending",
         "P18": "pending",
+        "P19": "pending",
     }
-    assert cli("--verify", "--skip", "P2,P3,P11,P12,P13,P14,P15,P16,P17,P18", "-q", *site).code == 0
+    assert (
+        cli("--verify", "--skip", "P2,P3,P11,P12,P13,P14,P15,P16,P17,P18,P19", "-q", *site).code
+        == 0
+    )
     skipped = cli("--check", "--json", "--skip", "P10,P1", *site).json["patches"]
     assert [p["id"] for p in skipped] == [
         "P2", "P3", "P4", "P5", "P6", "P7", "P8", "P9", "P11", "P12", "P13", "P14", "P15", "P16",
-        "P17", "P18",
+        "P17", "P18", "P19",
     ]  # fmt: skip
 
 
@@ -167,6 +176,7 @@ def test_partial_revert_keeps_other_files(synthetic_site: Path, cli) -> None:
         "P16": "applied",
         "P17": "applied",
         "P18": "applied",
+        "P19": "applied",
     }
 
 

@@ -54,6 +54,7 @@ def test_old_stack_full_cycle(install, cli) -> None:
         "P16": "pending",
         "P17": "pending",
         "P18": "pending",
+        "P19": "pending",
     }
     assert check.json["environment"]["packages"] == {
         "bitsandbytes": "0.49.2",
@@ -82,6 +83,7 @@ def test_old_stack_full_cycle(install, cli) -> None:
         "P16": "applied",
         "P17": "applied",
         "P18": "drifted",
+        "P19": "applied",
     }
 
     assert cli("--apply", "-q", *args).code == 0
@@ -118,6 +120,7 @@ def test_new_stack_needs_the_peft_bnb_and_experts_patches(install, cli) -> None:
         "P16": "pending",
         "P17": "pending",
         "P18": "fixed-upstream",
+        "P19": "pending",
     }
     assert cli("--verify", "-q", *args).code == 1
     apply = cli("--apply", "--json", *args)
@@ -127,6 +130,7 @@ def test_new_stack_needs_the_peft_bnb_and_experts_patches(install, cli) -> None:
         "peft/tuners/lora/layer.py",
         "peft/tuners/lora/model.py",
         "peft/tuners/tuners_utils.py",
+        "transformers/core_model_loading.py",
         "transformers/integrations/bitsandbytes.py",
         "transformers/modeling_utils.py",
         "transformers/quantizers/quantizer_bnb_4bit.py",
@@ -203,6 +207,7 @@ def test_python_option_targets_another_environment(tmp_path: Path) -> None:
         "P16": "pending",
         "P17": "not-installed",
         "P18": "pending",
+        "P19": "pending",
     }
 
     assert run_cli_process("--apply", "-q", "--python", str(python)).code == 0

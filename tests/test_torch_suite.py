@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 TRITON = "triton==3.9.0"
 
 
-OVERLAY_PATCHES = ("P13", "P15")  # 4-bit experts, LoRA on them
+OVERLAY_PATCHES = ("P13", "P15", "P19")  # 4-bit experts, LoRA on them, checkpoint pages released
 
 
 def patched_overlay(python: Path, dest: Path, patch_ids: tuple[str, ...] = OVERLAY_PATCHES) -> Path:

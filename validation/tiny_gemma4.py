@@ -151,6 +151,16 @@ def load_split(
     raise SystemExit(f"inconclusive: no memory budget split the decoder layers ({placed})")
 
 
+def rss_file() -> int:
+    """Bytes of file-backed memory resident in this process (Linux's RssFile): pages of
+    mapped files, such as a safetensors checkpoint being loaded, that the process has read."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("RssFile:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no RssFile in /proc/self/status")
+
+
 def cpu_has_avx512f() -> bool:
     """Whether bitsandbytes' native CPU library takes its AVX-512 branches on this machine
     (it asks `__builtin_cpu_supports("avx512f")`; P17's bug lives there)."""
