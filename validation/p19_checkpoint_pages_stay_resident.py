@@ -17,8 +17,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-import transformers.core_model_loading as loading
-from tiny_gemma4 import bug, fine, rss_file, text_config
+from tiny_gemma4 import bug, fine, sampling_file_rss, text_config
 from transformers import AutoModelForCausalLM, Gemma4ForCausalLM
 
 MIB = 2**20
@@ -30,20 +29,9 @@ class PagesStayResident(Exception):
 
 def peak_while_loading(checkpoint: str) -> int:
     """The most file-backed memory resident above the start, sampled after each tensor read."""
-    materialize, base, peak = loading._materialize_copy, rss_file(), 0
-
-    def sampled(tensor, device=None, dtype=None):
-        nonlocal peak
-        result = materialize(tensor, device, dtype)
-        peak = max(peak, rss_file() - base)
-        return result
-
-    loading._materialize_copy = sampled
-    try:
+    with sampling_file_rss() as sample:
         AutoModelForCausalLM.from_pretrained(checkpoint, device_map="cpu", dtype=torch.bfloat16)
-    finally:
-        loading._materialize_copy = materialize
-    return peak
+    return sample.peak
 
 
 if not sys.platform.startswith("linux"):

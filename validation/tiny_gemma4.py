@@ -17,6 +17,9 @@ from __future__ import annotations
 import json
 import sys
 import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 TEXT = {
@@ -159,6 +162,35 @@ def rss_file() -> int:
             if line.startswith("RssFile:"):
                 return int(line.split()[1]) * 1024
     raise RuntimeError("no RssFile in /proc/self/status")
+
+
+@dataclass
+class FileRssPeak:
+    """The most file-backed memory resident above `base`, sampled while loading."""
+
+    base: int
+    peak: int = 0
+
+
+@contextmanager
+def sampling_file_rss() -> Iterator[FileRssPeak]:
+    """Samples RssFile each time transformers' loader has read a tensor (after its copy, before
+    P19 gives the pages back), for the loads inside the block."""
+    import transformers.core_model_loading as loading
+
+    materialize = loading._materialize_copy
+    sample = FileRssPeak(rss_file())
+
+    def sampled(tensor, device=None, dtype=None):
+        result = materialize(tensor, device, dtype)
+        sample.peak = max(sample.peak, rss_file() - sample.base)
+        return result
+
+    loading._materialize_copy = sampled
+    try:
+        yield sample
+    finally:
+        loading._materialize_copy = materialize
 
 
 def cpu_has_avx512f() -> bool:

@@ -17,7 +17,7 @@ import torch
 import transformers.core_model_loading as loading
 from safetensors import safe_open
 from safetensors.torch import save_file
-from tiny_gemma4 import rss_file, text_config
+from tiny_gemma4 import rss_file, sampling_file_rss, text_config
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, Gemma4ForCausalLM
 
 from patches.inject.release_file_pages import (
@@ -148,31 +148,22 @@ def load_sampling(path: Path, release: bool, monkeypatch) -> tuple[torch.nn.Modu
     """The model loaded from `path` and the most file-backed memory resident above what was
     before, sampled each time the loader has read a tensor (before P19 releases it, and
     after), with or without P19's release."""
-    peak, base = 0, rss_file()
-    materialize = loading._materialize_copy
-
-    def sampled(tensor, device=None, dtype=None):
-        nonlocal peak
-        result = materialize(tensor, device, dtype)
-        peak = max(peak, rss_file() - base)
-        return result
-
-    monkeypatch.setattr(loading, "_materialize_copy", sampled)
     if not release:  # (unpatched transformers releases nothing either way)
         monkeypatch.setattr(loading, "stackpatch_release_file_pages", lambda *_: 0, raising=False)
-    model = AutoModelForCausalLM.from_pretrained(
-        path,
-        device_map="cpu",
-        dtype=torch.bfloat16,
-        quantization_config=BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16,
-        ),
-    )
+    with sampling_file_rss() as sample:
+        model = AutoModelForCausalLM.from_pretrained(
+            path,
+            device_map="cpu",
+            dtype=torch.bfloat16,
+            quantization_config=BitsAndBytesConfig(
+                load_in_4bit=True,
+                bnb_4bit_quant_type="nf4",
+                bnb_4bit_use_double_quant=True,
+                bnb_4bit_compute_dtype=torch.bfloat16,
+            ),
+        )
     monkeypatch.undo()
-    return model, peak
+    return model, sample.peak
 
 
 def packed_experts(model: torch.nn.Module) -> list[torch.Tensor]:
