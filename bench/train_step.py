@@ -13,6 +13,9 @@ off on that one model:
 - main: what main did before issue 17 (P13's bincount routing, a per-parameter NaN check,
   the Trainer's per-micro-batch token count and NaN filter, bitsandbytes' paged 8-bit AdamW,
   which synchronises after every parameter, the chunked loss, SDPA);
+- default: what examples/train_gemma4_qlora.py does by default on a GPU with liger-kernel
+  installed: syncs, liger's fused linear cross-entropy, and the wide-head attention of
+  `--wide-attention auto` (chunked from 1,024 tokens);
 - syncs: main without those device syncs (fused torch AdamW);
 - liger: syncs + liger-kernel RMSNorm/GeGLU + fused linear cross-entropy;
 - fast: liger + the fastest correct attention kernel of the head_dim-512 layers (measured
@@ -62,11 +65,11 @@ CAP_GIB = 23.0
 LENGTHS = (2048, 512, 4096)
 LOSS_STEPS = 10  # at the first length: the losses compared between configurations
 STEPS = 6  # elsewhere: 2 warm-up, timed, one profiled, one sync-traced
-CONFIGS = ("main", "syncs", "liger", "fast", "compile")
+CONFIGS = ("main", "default", "syncs", "liger", "fast", "compile")
 # Which runs come first: the before/after pair at every length, then compile, then the
 # single-switch configurations, so a time limit cuts the least needed.
 PLAN = (
-    [(length, c) for length in LENGTHS for c in ("main", "fast")]
+    [(length, c) for length in LENGTHS for c in ("main", "default", "fast")]
     + [(length, "compile") for length in LENGTHS]
     + [(length, c) for length in LENGTHS for c in ("syncs", "liger")]
 )
@@ -402,15 +405,17 @@ class Switches:
     def __init__(self, model, wide_kernel: str) -> None:
         self.model = model
         self.wide_kernel = wide_kernel
+        self.wide = "sdpa"
         self.undo: list = []
 
     def __enter__(self):
         return self
 
-    def apply(self, config: str) -> dict:
+    def apply(self, config: str, length: int) -> dict:
         import transformers.integrations.bitsandbytes as integration
         from fast_paths import compile_decoder_layers, use_liger_kernels, use_wide_head_attention
         from qlora_training import NonFiniteGuard
+        from train_gemma4_qlora import wide_attention_choice
 
         legacy = config == "main"
         if legacy:
@@ -419,13 +424,19 @@ class Switches:
             self.undo.append(lambda: setattr(integration, "route", current))
         if config in ("liger", "fast"):
             self.undo.append(use_liger_kernels(self.model))
-        if config in ("fast", "compile") and self.wide_kernel != "efficient":
-            self.undo.append(use_wide_head_attention(self.model, self.wide_kernel))
+        if config in ("fast", "compile"):
+            self.wide = self.wide_kernel
+            if self.wide_kernel != "efficient":
+                self.undo.append(use_wide_head_attention(self.model, self.wide_kernel))
+        if config == "default":
+            self.wide = wide_attention_choice("auto", True, length)
+            if self.wide != "sdpa":
+                self.undo.append(use_wide_head_attention(self.model, self.wide))
         if config == "compile":
             self.undo.append(compile_decoder_layers(self.model))
         return {
             "guard": legacy_guard_class()() if legacy else NonFiniteGuard(),
-            "loss": "liger" if config in ("liger", "fast", "compile") else "chunked",
+            "loss": "liger" if config in ("default", "liger", "fast", "compile") else "chunked",
             "device_tokens": not legacy,
         }
 
@@ -566,9 +577,9 @@ def run_one(model, tokenizer, rows, length, config, steps, wide_kernel, results,
     started = time.perf_counter()
     try:
         with Switches(model, wide_kernel) as switches:
-            setup = switches.apply(config)
+            setup = switches.apply(config, length)
             record["loss_impl"] = setup["loss"]
-            record["wide_attention"] = wide_kernel if config in ("fast", "compile") else "sdpa"
+            record["wide_attention"] = switches.wide
             trainer = trainer_for(
                 model, tokenizer, rows, steps, results.out / "trainer", setup, probe
             )

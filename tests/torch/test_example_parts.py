@@ -251,3 +251,28 @@ def test_trainer_counts_tokens_on_the_device_and_logs_nan_as_the_last_finite_los
     assert sorted(steps) == sorted(lengths)  # one sample per step, in the order drawn
     assert all(map(math.isfinite, losses)) and losses[2] == losses[1]
     assert guard.skipped == 1
+
+
+def test_loss_choice_takes_liger_wherever_it_runs_and_refuses_it_in_one_line(capsys) -> None:
+    from train_gemma4_qlora import loss_choice
+
+    assert loss_choice("auto", None) == "liger"
+    assert loss_choice("auto", "liger-kernel's Triton kernels need a GPU") == "chunked"
+    assert loss_choice("chunked", None) == "chunked"
+    assert loss_choice("liger", None) == "liger"
+    missing = "liger-kernel is not installed (pip install liger-kernel==0.8.5)"
+    with pytest.raises(SystemExit) as stopped:
+        loss_choice("liger", missing)
+    assert stopped.value.code == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line == f"error: --loss liger: {missing}"
+
+
+def test_wide_attention_auto_chunks_long_gpu_sequences_only() -> None:
+    from train_gemma4_qlora import CHUNKED_WIDE_FROM, wide_attention_choice
+
+    assert wide_attention_choice("auto", True, CHUNKED_WIDE_FROM) == "chunked"
+    assert wide_attention_choice("auto", True, CHUNKED_WIDE_FROM - 1) == "sdpa"
+    assert wide_attention_choice("auto", False, 4096) == "sdpa"
+    assert wide_attention_choice("flex", False, 128) == "flex"
+    assert wide_attention_choice("sdpa", True, 4096) == "sdpa"
