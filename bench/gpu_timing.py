@@ -28,8 +28,11 @@ def fused_kernel_configs() -> dict[str, str]:
     from patches.inject import experts_4bit_triton
 
     tuners = {"x@W^T": experts_4bit_triton._x_wt_tuned, "x@W": experts_4bit_triton._x_w_tuned}
-    return {
-        f"{name} N={key[0]} K={key[1]} rows/expert~{key[2]}": str(config)
+    configs = {
+        f"{name} N={key[0]} K={key[1]} rows/expert~{key[2]} lora_r={key[3]}": str(config)
         for name, tuner in tuners.items()
         for key, config in tuner.cache.items()
     }
+    for key, config in experts_4bit_triton._low_rank_grad_tuned.cache.items():
+        configs[f"lora grad N={key[0]} rows/expert~{key[1]} lora_r={key[2]}"] = str(config)
+    return configs

@@ -15,9 +15,12 @@ weights (`chunk_bytes`, 256 MiB by default) instead of the whole layer (1.5 GB a
 size), at the cost of one more dequantization per chunk in backward.
 
 LoRA on the experts (peft `target_parameters`, made to work on packed experts by P15) never
-touches the packed weights: each adapter's per-expert factors run beside the 4-bit GEMM as
-two low-rank grouped GEMMs over the same routed rows, y_e = W4_e x + s B_e (A_e x), so no
-(E, out, in) delta and no float copy of a weight is ever made.
+touches the packed weights: y_e = W4_e x + s B_e (A_e x), so no (E, out, in) delta and no
+float copy of a weight is ever made. Where the fused kernel runs, one adapter on a weight is
+computed inside it (GroupedLinear4bitLoRA: the low-rank products ride along the 4-bit GEMM's
+tiles forward and backward, and one small kernel per factor sums its gradient per expert);
+otherwise, and for several adapters on one weight, each adapter's factors run beside the
+4-bit GEMM as two low-rank grouped GEMMs over the same routed rows.
 
 This module is imported by tests and benchmarks as is; the stackpatch transform that
 installs it into transformers parses this file and inserts its definitions.
@@ -31,7 +34,12 @@ from dataclasses import dataclass
 
 import torch
 
-from patches.inject.experts_4bit_triton import fused_4bit_available, grouped_gemm_4bit
+from patches.inject.experts_4bit_triton import (
+    fused_4bit_available,
+    grouped_gemm_4bit,
+    grouped_gemm_4bit_lora,
+    low_rank_grad,
+)
 from patches.inject.whole_block_rows import stackpatch_whole_block_rows
 
 DEFAULT_CHUNK_BYTES = int(os.environ.get("STACKPATCH_EXPERTS_CHUNK_MB", "256")) * 2**20
@@ -44,6 +52,13 @@ EXPERTS_KERNELS = ("auto", "dequantize")
 # "grouped" runs a rank-r grouped GEMM over the routed rows.
 DEFAULT_LORA_FIRST_PROJECTION = os.environ.get("STACKPATCH_EXPERT_LORA_FIRST", "grouped")
 LORA_FIRST_PROJECTIONS = ("dense", "grouped")
+# "auto": one adapter on a weight runs inside the fused 4-bit kernel where that kernel runs;
+# "unfused": always as grouped GEMMs beside it (for comparison, or if the fusion misbehaves).
+DEFAULT_LORA_KERNEL = os.environ.get("STACKPATCH_EXPERT_LORA_KERNEL", "auto")
+LORA_KERNELS = ("auto", "unfused")
+# The fused kernels keep a (rows, rank) float32 accumulator per tile beside the output tile;
+# ranks above this run unfused rather than risk register spills no GPU run has measured.
+MAX_FUSED_LORA_RANK = 64
 
 
 @dataclass
@@ -337,6 +352,135 @@ def _with_lora(
     return base if delta is None else base + delta.to(base.dtype)
 
 
+def _fused_rank(rank: int) -> int:
+    """The fused kernels' rank dimension: a power of two, and at least tl.dot's 16."""
+    return max(16, 1 << (rank - 1).bit_length())
+
+
+def _rank_padded_copy(factor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """An (E, rank, features) factor view as a contiguous (E, _fused_rank(rank), features)
+    tensor in `dtype`, zero past `rank`."""
+    experts, rank, features = factor.shape
+    padded = _fused_rank(rank)
+    if padded == rank and factor.dtype == dtype and factor.is_contiguous():
+        return factor
+    out = factor.new_empty((experts, padded, features), dtype=dtype)
+    out[:, rank:].zero_()
+    out[:, :rank].copy_(factor)  # one kernel for the cast and peft's layout together
+    return out
+
+
+def _fused_factors(
+    lora_A: torch.Tensor, lora_B: torch.Tensor, num_experts: int, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """peft's A (r*E, in) and rank-major B (out, r*E) as the fused kernels' factors,
+    D (E, R, in) with D_e = A_e and U (E, R, out) with U_e = B_e^T (unscaled: the kernels
+    scale the rank-sized products)."""
+    rank = lora_A.shape[0] // num_experts
+    down = lora_A.view(num_experts, rank, lora_A.shape[1])
+    up = lora_B.view(lora_B.shape[0], rank, num_experts).permute(2, 1, 0)
+    return _rank_padded_copy(down, dtype), _rank_padded_copy(up, dtype)
+
+
+class GroupedLinear4bitLoRA(torch.autograd.Function):
+    """GroupedLinear4bit plus one expert LoRA adapter, computed inside the fused 4-bit kernels.
+
+    Forward, one kernel: y = x W_e^T + s (x A_e^T) B_e^T, and h = x A_e^T written out.
+    Backward, one kernel: dx = dy W_e + s (dy B_e) A_e, and g = dy B_e written out; then
+    dA_e = s g_e^T x_e and dB_e = s h_e^T dy_e by one small kernel each, stored straight into
+    peft's layouts (B rank-major) in the factors' own dtype. Saved for backward: x (dA needs
+    it, as the unfused path's grouped GEMM saves it too), h (rows x R), and the factors in
+    the kernels' layout (E x R x features each), not the 4-bit weights' dequantized values.
+    """
+
+    @staticmethod
+    def forward(ctx, x, offsets, packed, lora_A, lora_B, scaling, blocks):  # type: ignore[override]
+        state = packed.state
+        down, up = _fused_factors(lora_A, lora_B, packed.num_experts, state.dtype)
+        inputs = x.to(state.dtype).contiguous()
+        absmax = _plain_absmax(packed)
+        out, hidden = grouped_gemm_4bit_lora(
+            inputs, offsets, packed.data, absmax, state, False, down, up, scaling, blocks
+        )
+        ctx.save_for_backward(inputs, offsets, down, up, hidden)
+        ctx.packed, ctx.scaling, ctx.blocks, ctx.input_dtype = packed, scaling, blocks, x.dtype
+        ctx.factors = (lora_A.shape, lora_A.dtype, lora_B.shape, lora_B.dtype)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_output):  # type: ignore[override]
+        inputs, offsets, down, up, hidden = ctx.saved_tensors
+        packed, scaling, blocks = ctx.packed, ctx.scaling, ctx.blocks
+        grad = grad_output.to(packed.state.dtype).contiguous()
+        absmax = _plain_absmax(packed)
+        # Transposed, the factors swap roles: B_e^T (U) is applied to dy first, then A_e (D).
+        grad_x, grad_hidden = grouped_gemm_4bit_lora(
+            grad, offsets, packed.data, absmax, packed.state, True, up, down, scaling, blocks
+        )
+        a_shape, a_dtype, b_shape, b_dtype = ctx.factors
+        experts = packed.num_experts
+        rank = a_shape[0] // experts
+        grad_a = grad_b = None
+        if ctx.needs_input_grad[3]:
+            grad_a = inputs.new_empty(a_shape, dtype=a_dtype)
+            by_expert = grad_a.view(experts, rank, a_shape[1])
+            low_rank_grad(grad_hidden, inputs, offsets, by_expert, scaling, blocks)
+        if ctx.needs_input_grad[4]:
+            grad_b = inputs.new_empty(b_shape, dtype=b_dtype)
+            by_expert = grad_b.view(b_shape[0], rank, experts).permute(2, 1, 0)
+            low_rank_grad(hidden, grad, offsets, by_expert, scaling, blocks)
+        grad_x = grad_x.to(ctx.input_dtype) if ctx.needs_input_grad[0] else None
+        return grad_x, None, None, grad_a, grad_b, None, None
+
+
+def grouped_linear_4bit_lora(
+    x: torch.Tensor,
+    offsets: torch.Tensor,
+    packed: PackedExperts,
+    adapter: ExpertLoRA,
+    blocks: dict | None = None,
+) -> torch.Tensor:
+    """y[rows of e] = x[rows of e] @ (W_e + s B_e A_e)^T through the fused kernels (which
+    must be able to run: see `_fuses_lora`); `blocks` fixes their tiles, as in
+    grouped_gemm_4bit."""
+    return GroupedLinear4bitLoRA.apply(
+        x, offsets, packed, adapter.lora_A, adapter.lora_B, adapter.scaling, blocks
+    )
+
+
+def _fuses_lora(
+    x: torch.Tensor,
+    packed: PackedExperts,
+    adapters: Sequence[ExpertLoRA],
+    kernel: str,
+    lora_kernel: str,
+) -> bool:
+    """Whether these adapters run inside the fused 4-bit kernel: one adapter (several run
+    unfused), of a rank the kernels take, where the fused kernel runs at all."""
+    if kernel != "auto" or lora_kernel != "auto" or len(adapters) != 1:
+        return False
+    rank = adapters[0].lora_A.shape[0] // packed.num_experts
+    return 0 < rank <= MAX_FUSED_LORA_RANK and fused_4bit_available(x, packed.state)
+
+
+def _expert_linear(
+    x: torch.Tensor,
+    offsets: torch.Tensor,
+    packed: PackedExperts,
+    adapters: Sequence[ExpertLoRA],
+    fused: bool,
+    chunk_bytes: int,
+    kernel: str,
+    tokens: TokenRows | None = None,
+) -> torch.Tensor:
+    """x_e @ W_e^T for the 4-bit weight plus the adapters' updates: inside the fused kernel
+    when `fused`, else beside the 4-bit GEMM."""
+    if fused:
+        return grouped_linear_4bit_lora(x, offsets, packed, adapters[0])
+    out = grouped_linear_4bit(x, offsets, packed, chunk_bytes, kernel)
+    return _with_lora(out, x, offsets, adapters, packed.num_experts, tokens)
+
+
 def route(top_k_index: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Sort (token, k) pairs by expert: the permutation and the int32 end offset of each expert.
 
@@ -365,15 +509,21 @@ def experts_4bit_forward(
     gate_up_lora: Sequence[ExpertLoRA] = (),
     down_lora: Sequence[ExpertLoRA] = (),
     lora_first_projection: str = DEFAULT_LORA_FIRST_PROJECTION,
+    lora_kernel: str = DEFAULT_LORA_KERNEL,
 ) -> torch.Tensor:
     """The MoE experts computation of Gemma4TextExperts with 4-bit weights, plus the LoRA
     adapters on either fused weight (added before the gate, and before the routing weights,
-    as peft's W + delta W would be). `lora_first_projection` says how gate_up's A runs:
-    "dense" on the tokens, or "grouped" over the routed rows."""
+    as peft's W + delta W would be). `lora_kernel` "auto" runs one adapter on a weight inside
+    the fused 4-bit kernel where it runs; otherwise `lora_first_projection` says how gate_up's
+    A runs beside it: "dense" on the tokens, or "grouped" over the routed rows."""
     if lora_first_projection not in LORA_FIRST_PROJECTIONS:
         raise ValueError(
             f"expert LoRA first projection {lora_first_projection!r}: expected one of "
             f"{', '.join(LORA_FIRST_PROJECTIONS)}"
+        )
+    if lora_kernel not in LORA_KERNELS:
+        raise ValueError(
+            f"expert LoRA kernel {lora_kernel!r}: expected one of {', '.join(LORA_KERNELS)}"
         )
     num_tokens, hidden_dim = hidden_states.shape
     top_k = top_k_index.shape[-1]
@@ -381,14 +531,16 @@ def experts_4bit_forward(
     perm, offsets = route(top_k_index, num_experts)
     token_of_row = perm // top_k
     routed = hidden_states[token_of_row]
-    gate_up_out = grouped_linear_4bit(routed, offsets, gate_up, chunk_bytes, kernel)
+    fused = _fuses_lora(routed, gate_up, gate_up_lora, kernel, lora_kernel)
     tokens = None
-    if gate_up_lora and lora_first_projection == "dense":
+    if gate_up_lora and lora_first_projection == "dense" and not fused:
         tokens = TokenRows(hidden_states, token_of_row, top_k_index.reshape(-1)[perm])
-    gate_up_out = _with_lora(gate_up_out, routed, offsets, gate_up_lora, num_experts, tokens)
+    gate_up_out = _expert_linear(
+        routed, offsets, gate_up, gate_up_lora, fused, chunk_bytes, kernel, tokens
+    )
     gated = apply_gate(gate_up_out)
-    down_out = grouped_linear_4bit(gated, offsets, down, chunk_bytes, kernel)
-    down_out = _with_lora(down_out, gated, offsets, down_lora, num_experts)
+    fused = _fuses_lora(gated, down, down_lora, kernel, lora_kernel)
+    down_out = _expert_linear(gated, offsets, down, down_lora, fused, chunk_bytes, kernel)
     weighted = down_out * top_k_weights.reshape(-1)[perm].unsqueeze(-1).to(down_out.dtype)
     combined = torch.zeros(
         (num_tokens * top_k, hidden_dim), dtype=weighted.dtype, device=weighted.device

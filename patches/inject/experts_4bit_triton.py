@@ -18,6 +18,15 @@ the odd columns of x (split from the loaded tile), in x @ W they make the even a
 output columns (joined at the store), so no value is ever shuffled into place. A weight
 tile never straddles two scale blocks, so each tile row needs one scale.
 
+One LoRA adapter rides along inside the same kernels (y_e = W4_e x + s B_e A_e x): while a
+program loads its rows' tiles along the reduction it also multiplies them by the expert's
+first factor into a rows x rank accumulator, and in the epilogue multiplies that by the
+second factor into the output tile before the store. The rank is padded to a power of two
+of at least 16 (tl.dot's smallest operand) with zero rows in the factors. Every column tile
+of a row block recomputes the same low-rank product (rank/BLOCK_N more tensor-core work);
+the programs of column tile 0 write it out, for backward. The weight gradients of the
+factors are per-expert products over the expert's rows (`_low_rank_grad_kernel`).
+
 Like experts_4bit.py this is a real module (tests run it, on CPU through TRITON_INTERPRET=1);
 P13 inserts it into transformers beside experts_4bit.py. Without Triton nothing here is
 defined but `fused_4bit_available`, which then says no.
@@ -183,6 +192,41 @@ if triton is not None:
         return high, low
 
     @triton.jit
+    def _lora_down(rank_acc, a, down_ptr, expert, ks, K, LORA_R: tl.constexpr):
+        """rank_acc + a @ D_e[:, ks]^T: the loaded activation tile through the first LoRA factor,
+        D (E, LORA_R, K)."""
+        ranks = tl.arange(0, LORA_R)
+        factor_rows = (expert * LORA_R + ranks).to(tl.int64) * K
+        d = tl.load(down_ptr + factor_rows[:, None] + ks[None, :], mask=ks[None, :] < K, other=0.0)
+        return tl.dot(a, tl.trans(d), rank_acc)
+
+    @triton.jit
+    def _lora_up(
+        acc,
+        rank_acc,
+        up_ptr,
+        low_rank_ptr,
+        scaling,
+        expert,
+        rows,
+        cols,
+        col_ok,
+        N,
+        low_end,
+        LORA_R: tl.constexpr,
+    ):
+        """acc + scaling * rank_acc @ U_e[:, cols], U (E, LORA_R, N); rank_acc itself is
+        stored as the (S, LORA_R) low-rank activations of the rows below `low_end`."""
+        ranks = tl.arange(0, LORA_R)
+        low_out = low_rank_ptr + rows[:, None].to(tl.int64) * LORA_R + ranks[None, :]
+        low_type = low_rank_ptr.dtype.element_ty
+        tl.store(low_out, rank_acc.to(low_type), mask=rows[:, None] < low_end)
+        factor_rows = (expert * LORA_R + ranks).to(tl.int64) * N
+        u = tl.load(up_ptr + factor_rows[:, None] + cols[None, :], mask=col_ok[None, :], other=0.0)
+        # Scaled in float32 on the small operand, rounded once to the compute dtype.
+        return tl.dot((rank_acc * scaling).to(u.dtype), u, acc)
+
+    @triton.jit
     def _x_wt_kernel(
         x_ptr,
         out_ptr,
@@ -190,6 +234,10 @@ if triton is not None:
         packed_ptr,
         absmax_ptr,
         code_ptr,
+        lora_down_ptr,
+        lora_up_ptr,
+        low_rank_ptr,
+        scaling,
         num_experts,
         N,
         K,
@@ -202,8 +250,11 @@ if triton is not None:
         BLOCK_K: tl.constexpr,
         USE_ASM: tl.constexpr,
         DECODE_ASM: tl.constexpr,
+        LORA_R: tl.constexpr,
     ):
         """out[rows of e] = x[rows of e] @ W_e^T, W (E, N, K) packed; K % BLOCK_K == 0.
+        With LORA_R > 0 also + scaling * (x @ D_e^T) @ U_e, D (E, LORA_R, K), U (E, LORA_R, N),
+        and x @ D_e^T is written to low_rank (S, LORA_R).
 
         rows_bucket (rows per expert, rounded) is only a key for the autotuner."""
         pid = tl.program_id(0)
@@ -225,8 +276,12 @@ if triton is not None:
         weight_rows = expert * expert_numel + cols * K  # flat index of W[e, n, 0]
 
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        if LORA_R > 0:
+            rank_acc = tl.zeros((BLOCK_M, LORA_R), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             a = tl.load(x_rows[:, None] + k0 + ks[None, :], mask=row_ok[:, None], other=0.0)
+            if LORA_R > 0:
+                rank_acc = _lora_down(rank_acc, a, lora_down_ptr, expert, k0 + ks, K, LORA_R)
             a_even, a_odd = tl.split(tl.reshape(a, (BLOCK_M, BLOCK_K // 2, 2)))
             start = weight_rows + k0
             byte_rows = tl.multiple_of(start // 2, BLOCK_K // 2)
@@ -238,6 +293,23 @@ if triton is not None:
             acc = tl.dot(a_even, tl.trans(high), acc)
             acc = tl.dot(a_odd, tl.trans(low), acc)
 
+        if LORA_R > 0:
+            # Column tile 0 writes the low-rank rows out; the others write none.
+            low_end = tl.where(pid % n_tiles == 0, row_end, row_start)
+            acc = _lora_up(
+                acc,
+                rank_acc,
+                lora_up_ptr,
+                low_rank_ptr,
+                scaling,
+                expert,
+                rows,
+                cols,
+                col_ok,
+                N,
+                low_end,
+                LORA_R,
+            )
         out = out_ptr + rows[:, None].to(tl.int64) * N + cols[None, :]
         tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
@@ -249,6 +321,10 @@ if triton is not None:
         packed_ptr,
         absmax_ptr,
         code_ptr,
+        lora_down_ptr,
+        lora_up_ptr,
+        low_rank_ptr,
+        scaling,
         num_experts,
         N,
         K,
@@ -261,8 +337,11 @@ if triton is not None:
         BLOCK_K: tl.constexpr,
         USE_ASM: tl.constexpr,
         DECODE_ASM: tl.constexpr,
+        LORA_R: tl.constexpr,
     ):
         """out[rows of e] = x[rows of e] @ W_e, W (E, K, N) packed; N % BLOCK_N == 0.
+        LORA_R > 0 adds the low-rank term as _x_wt_kernel does, D (E, LORA_R, K) and
+        U (E, LORA_R, N).
 
         rows_bucket (rows per expert, rounded) is only a key for the autotuner."""
         pid = tl.program_id(0)
@@ -281,12 +360,16 @@ if triton is not None:
 
         even = tl.zeros((BLOCK_M, BLOCK_N // 2), dtype=tl.float32)
         odd = tl.zeros((BLOCK_M, BLOCK_N // 2), dtype=tl.float32)
+        if LORA_R > 0:
+            rank_acc = tl.zeros((BLOCK_M, LORA_R), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)
             k_ok = ks < K
             a = tl.load(
                 x_rows[:, None] + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0
             )
+            if LORA_R > 0:
+                rank_acc = _lora_down(rank_acc, a, lora_down_ptr, expert, ks, K, LORA_R)
             start = weight_col + ks * N
             byte_rows = tl.multiple_of(start // 2, BLOCK_N // 2)
             packed = tl.load(
@@ -297,10 +380,82 @@ if triton is not None:
             even = tl.dot(a, high, even)
             odd = tl.dot(a, low, odd)
 
+        # Column 2i of the tile is even[i], 2i + 1 is odd[i]: acc's columns are `cols` in order.
         acc = tl.reshape(tl.join(even, odd), (BLOCK_M, BLOCK_N))
         cols = col0 + tl.arange(0, BLOCK_N)
+        if LORA_R > 0:
+            # Column tile 0 writes the low-rank rows out; the others write none.
+            low_end = tl.where(pid % n_tiles == 0, row_end, row_start)
+            acc = _lora_up(
+                acc,
+                rank_acc,
+                lora_up_ptr,
+                low_rank_ptr,
+                scaling,
+                expert,
+                rows,
+                cols,
+                cols < N,
+                N,
+                low_end,
+                LORA_R,
+            )
         out = out_ptr + rows[:, None].to(tl.int64) * N + cols[None, :]
         tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+
+    @triton.jit
+    def _low_rank_grad_kernel(
+        low_ptr,
+        x_ptr,
+        out_ptr,
+        ends_ptr,
+        N,
+        rank,
+        scaling,
+        stride_e,
+        stride_r,
+        stride_n,
+        rows_bucket,
+        LORA_R: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+    ):
+        """out[e, :rank, :] = scaling * low[rows of e]^T @ x[rows of e], low (S, LORA_R),
+        x (S, N), out (E, rank, N) at any strides; an expert without rows gets zeros.
+
+        Each program sums one expert's rows for one column tile: no atomics, the same
+        result every run. rows_bucket (rows per expert, rounded) is only an autotuner key."""
+        pid = tl.program_id(0)
+        n_tiles = tl.cdiv(N, BLOCK_N)
+        expert = pid // n_tiles
+        start = tl.load(ends_ptr + expert - 1, mask=expert > 0, other=0)
+        end = tl.load(ends_ptr + expert)
+        ranks = tl.arange(0, LORA_R)
+        cols = (pid % n_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_ok = cols < N
+        acc = tl.zeros((LORA_R, BLOCK_N), dtype=tl.float32)
+        for m0 in range(start, end, BLOCK_M):
+            rows = m0 + tl.arange(0, BLOCK_M)
+            row_ok = rows < end
+            low = tl.load(
+                low_ptr + rows[:, None].to(tl.int64) * LORA_R + ranks[None, :],
+                mask=row_ok[:, None],
+                other=0.0,
+            )
+            x = tl.load(
+                x_ptr + rows[:, None].to(tl.int64) * N + cols[None, :],
+                mask=row_ok[:, None] & col_ok[None, :],
+                other=0.0,
+            )
+            acc = tl.dot(tl.trans(low), x, acc)
+        out = (
+            out_ptr
+            + expert.to(tl.int64) * stride_e
+            + ranks[:, None].to(tl.int64) * stride_r
+            + cols[None, :].to(tl.int64) * stride_n
+        )
+        mask = (ranks[:, None] < rank) & col_ok[None, :]
+        tl.store(out, (acc * scaling).to(out_ptr.dtype.element_ty), mask=mask)
 
     def _configs(shapes: tuple[tuple[int, int, int, int, int], ...]) -> list:
         return [
@@ -310,7 +465,8 @@ if triton is not None:
             for m, n, k, warps, stages in shapes
         ]
 
-    _KEY = ["N", "K", "rows_bucket"]
+    # LORA_R too: the adapter's extra accumulator and loads may favour other tiles.
+    _KEY = ["N", "K", "rows_bucket", "LORA_R"]
     _x_wt_tuned = triton.autotune(
         _configs(
             (
@@ -336,6 +492,89 @@ if triton is not None:
         ),
         key=_KEY,
     )(_x_w_kernel)
+    _low_rank_grad_tuned = triton.autotune(
+        [
+            triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=warps, num_stages=3)
+            for m, n, warps in (
+                (32, 128, 4),
+                (64, 64, 4),
+                (64, 128, 4),
+                (64, 256, 8),
+                (128, 128, 8),
+            )
+        ],
+        key=["N", "rows_bucket", "LORA_R"],
+    )(_low_rank_grad_kernel)
+
+
+def _rows_bucket(rows: int, num_experts: int) -> int:
+    return triton.next_power_of_2(max(1, rows // num_experts))
+
+
+def _on_device(x: torch.Tensor):
+    # Triton launches on the current CUDA device's stream. On a model split over GPUs that
+    # need not be x's device: the kernel then races the producer of x on its own device
+    # (garbage values, NaN losses, a different MoE routing when checkpointing recomputes).
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+
+
+def _launch_4bit(
+    x: torch.Tensor,
+    ends: torch.Tensor,
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    state,
+    transpose: bool,
+    blocks: dict | None,
+    lora: tuple[torch.Tensor, torch.Tensor, torch.Tensor, float] | None,
+) -> torch.Tensor:
+    """Runs the kernel of `grouped_gemm_4bit`; `lora` is (D, U, low_rank out, scaling)."""
+    num_experts, rows, cols = state.shape
+    n, k = (cols, rows) if transpose else (rows, cols)
+    out = torch.empty((x.shape[0], n), dtype=state.dtype, device=x.device)
+    if x.shape[0] == 0:
+        return out
+    # Without an adapter the LoRA pointers are never read (LORA_R == 0 compiles them out).
+    down, up, low_rank, scaling = lora if lora is not None else (x, x, x, 0.0)
+    arguments = (
+        x,
+        out,
+        ends.to(torch.int32).contiguous(),
+        packed.view(torch.uint8).view(-1),
+        absmax.float().contiguous(),
+        state.code.float().to(x.device).contiguous(),
+        down,
+        up,
+        low_rank,
+        float(scaling),
+        num_experts,
+        n,
+        k,
+        rows * cols,
+        _rows_bucket(x.shape[0], num_experts),
+    )
+    # Triton's interpreter (CPU) cannot run PTX: it takes the select tree.
+    gpu_decode = x.is_cuda and state.dtype in (torch.bfloat16, torch.float16)
+    constants = {
+        "EXPERTS_POW2": triton.next_power_of_2(num_experts),
+        "QUANT_BLOCK": state.blocksize,
+        "USE_ASM": gpu_decode,
+        "DECODE_ASM": decode_asm_for(state.quant_type, state.dtype) if gpu_decode else "",
+        "LORA_R": 0 if lora is None else down.shape[1],
+    }
+
+    def grid(meta: dict) -> tuple[int]:
+        m_tiles = triton.cdiv(x.shape[0], meta["BLOCK_M"]) + num_experts
+        return (m_tiles * triton.cdiv(n, meta["BLOCK_N"]),)
+
+    with _on_device(x):
+        if blocks is None:
+            kernel = _x_w_tuned if transpose else _x_wt_tuned
+            kernel[grid](*arguments, **constants)
+        else:
+            kernel = _x_w_kernel if transpose else _x_wt_kernel
+            kernel[grid](*arguments, **constants, **blocks)
+    return out
 
 
 def grouped_gemm_4bit(
@@ -354,47 +593,75 @@ def grouped_gemm_4bit(
     sizes (BLOCK_M/N/K, optionally num_warps/num_stages) instead of autotuning them; the
     packed dimension's tile (BLOCK_K of x @ W^T, BLOCK_N of x @ W) must divide FUSED_TILE.
     """
-    num_experts, rows, cols = state.shape
-    n, k = (cols, rows) if transpose else (rows, cols)
     x = x.to(state.dtype).contiguous()
-    out = torch.empty((x.shape[0], n), dtype=state.dtype, device=x.device)
+    return _launch_4bit(x, ends, packed, absmax, state, transpose, blocks, None)
+
+
+def grouped_gemm_4bit_lora(
+    x: torch.Tensor,
+    ends: torch.Tensor,
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    state,
+    transpose: bool,
+    down: torch.Tensor,
+    up: torch.Tensor,
+    scaling: float,
+    blocks: dict | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """grouped_gemm_4bit plus one low-rank term, in the same kernel: (y, low) with
+    low[rows of e] = x[rows of e] @ D_e^T and y = x @ W_e^T (or @ W_e) + scaling * low @ U_e.
+
+    D (E, R, x's columns) and U (E, R, y's columns) are in the compute dtype, contiguous,
+    their rank R a power of two >= 16 (zero rows past the adapter's rank); `low` is
+    (rows, R) in the compute dtype.
+    """
+    rank = down.shape[1]
+    if rank < 16 or rank & (rank - 1) or up.shape[1] != rank:
+        raise ValueError(
+            f"low-rank factors of rank {rank}, {up.shape[1]}: need one power of 2 >= 16"
+        )
+    x = x.to(state.dtype).contiguous()
+    down, up = down.to(state.dtype).contiguous(), up.to(state.dtype).contiguous()
+    low = torch.empty((x.shape[0], rank), dtype=state.dtype, device=x.device)
+    out = _launch_4bit(x, ends, packed, absmax, state, transpose, blocks, (down, up, low, scaling))
+    return out, low
+
+
+def low_rank_grad(
+    low: torch.Tensor,
+    x: torch.Tensor,
+    ends: torch.Tensor,
+    out: torch.Tensor,
+    scaling: float,
+    blocks: dict | None = None,
+) -> torch.Tensor:
+    """out[e] = scaling * low[rows of e, :out.shape[1]]^T @ x[rows of e] for every expert e:
+    a LoRA factor's gradient. low (S, R) and x (S, N) in one dtype, contiguous; out
+    (E, rank <= R, N) at any strides (a view of the factor's gradient in its own layout) and
+    any float dtype. `blocks` fixes BLOCK_M and BLOCK_N instead of autotuning them."""
+    num_experts, rank, n = out.shape
     if x.shape[0] == 0:
-        return out
+        return out.zero_()
     arguments = (
-        x,
+        low.contiguous(),
+        x.contiguous(),
         out,
         ends.to(torch.int32).contiguous(),
-        packed.view(torch.uint8).view(-1),
-        absmax.float().contiguous(),
-        state.code.float().to(x.device).contiguous(),
-        num_experts,
         n,
-        k,
-        rows * cols,
-        triton.next_power_of_2(max(1, x.shape[0] // num_experts)),
+        rank,
+        float(scaling),
+        *out.stride(),
+        _rows_bucket(x.shape[0], num_experts),
     )
-    # Triton's interpreter (CPU) cannot run PTX: it takes the select tree.
-    gpu_decode = x.is_cuda and state.dtype in (torch.bfloat16, torch.float16)
-    constants = {
-        "EXPERTS_POW2": triton.next_power_of_2(num_experts),
-        "QUANT_BLOCK": state.blocksize,
-        "USE_ASM": gpu_decode,
-        "DECODE_ASM": decode_asm_for(state.quant_type, state.dtype) if gpu_decode else "",
-    }
 
     def grid(meta: dict) -> tuple[int]:
-        m_tiles = triton.cdiv(x.shape[0], meta["BLOCK_M"]) + num_experts
-        return (m_tiles * triton.cdiv(n, meta["BLOCK_N"]),)
+        return (num_experts * triton.cdiv(n, meta["BLOCK_N"]),)
 
-    # Triton launches on the current CUDA device's stream. On a model split over GPUs that
-    # need not be x's device: the kernel then races the producer of x on its own device
-    # (garbage values, NaN losses, a different MoE routing when checkpointing recomputes).
-    on_device = torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
-    with on_device:
+    with _on_device(x):
         if blocks is None:
-            kernel = _x_w_tuned if transpose else _x_wt_tuned
-            kernel[grid](*arguments, **constants)
+            _low_rank_grad_tuned[grid](*arguments, LORA_R=low.shape[1])
         else:
-            kernel = _x_w_kernel if transpose else _x_wt_kernel
-            kernel[grid](*arguments, **constants, **blocks)
+            tiles = {k: v for k, v in blocks.items() if k != "BLOCK_K"}
+            _low_rank_grad_kernel[grid](*arguments, LORA_R=low.shape[1], **tiles)
     return out

@@ -15,7 +15,9 @@ it reads the parameter:
 - `__init__`: settings that cannot work on packed experts are refused, in one line, before
   any training;
 - `_activate_lora`: instead of the parametrization, the active adapters' factors go to P13's
-  experts forward, which runs them as low-rank grouped GEMMs beside the 4-bit kernel;
+  experts forward, which runs one adapter per weight inside its fused 4-bit kernels where
+  they run (a GPU with Triton), and otherwise as low-rank grouped GEMMs beside the 4-bit
+  kernel;
 - `merge`: the experts module is dequantized to BF16 first (exact, no re-quantization), then
   peft's own merge adds the delta: merge_and_unload returns BF16 experts.
 """

@@ -12,12 +12,23 @@ cast to bfloat16 inside a kernel before tl.dot (values near 1e8), which a GPU do
 
 from __future__ import annotations
 
+import functools
 import os
 
 import pytest
 import torch
 
-from patches.inject.experts_4bit import _plain_absmax, dequantize_all, pack_experts
+from patches.inject import experts_4bit
+from patches.inject import experts_4bit_triton as fused_module
+from patches.inject.experts_4bit import (
+    MAX_FUSED_LORA_RANK,
+    ExpertLoRA,
+    _plain_absmax,
+    dequantize_all,
+    experts_4bit_forward,
+    grouped_linear_4bit_lora,
+    pack_experts,
+)
 from patches.inject.experts_4bit_triton import (
     fused_4bit_available,
     fused_4bit_supports,
@@ -137,3 +148,215 @@ def test_tensors_on_another_gpu_than_the_current_one() -> None:
             out = grouped_gemm_4bit(x, ends, packed.data, absmax, packed.state, False, BLOCKS)
         assert out.device == x.device
         assert_close_to_dequantized(out, expected)
+
+
+# --- LoRA inside the fused kernels ----------------------------------------------------------
+
+# (rank, tiles). Rank 1 and 12 are padded to the kernels' 16 with zero rows; 16 is not; 64 is
+# the largest rank fused (run on a GPU only: the interpreter's time grows with the rank).
+# Autotuned tiles (None) need a GPU to time them; there they are checked for the benchmark's
+# rank (each autotuned rank compiles every config of three kernels).
+LORA_CASES = [(1, BLOCKS), (12, BLOCKS), (16, BLOCKS)]
+if not INTERPRETED:
+    LORA_CASES += [(64, BLOCKS), (16, None)]
+
+
+def factors(rank: int, in_features: int, out_features: int, dtype: torch.dtype, seed: int):
+    """peft's lora_A (r*E, in) and lora_B (out, r*E), trainable, of a size that makes the
+    low-rank term a good share of the output."""
+    generator = torch.Generator().manual_seed(seed)
+    lora_a = torch.randn(rank * EXPERTS, in_features, generator=generator) * 0.1
+    lora_b = torch.randn(out_features, rank * EXPERTS, generator=generator) * 0.1
+    return [t.to(DEVICE, dtype).requires_grad_() for t in (lora_a, lora_b)]
+
+
+def lora_reference(x, dense, lora_a, lora_b, scaling: float):
+    """x_e @ (W_e + s B_e A_e)^T per expert in float32, peft's layouts read as peft reads
+    them (ParamWrapper.get_delta_weight): A expert-major, B rank-major."""
+    rank = lora_a.shape[0] // EXPERTS
+    out, row = [], 0
+    for expert, count in enumerate(ROWS_PER_EXPERT):
+        a_e = lora_a.view(EXPERTS, rank, -1)[expert]
+        b_e = lora_b.view(lora_b.shape[0], rank, EXPERTS)[:, :, expert]
+        x_e = x[row : row + count]
+        out.append(x_e @ dense[expert].float().T + scaling * (x_e @ a_e.T) @ b_e.T)
+        row += count
+    return torch.cat(out)
+
+
+def assert_close_to_reference(got: torch.Tensor, expected: torch.Tensor, dtype) -> None:
+    """Within a share of the largest value, as assert_close_to_dequantized; the low-rank
+    products add one rounding to the compute dtype of the rank-sized operands."""
+    share = 1e-2 if dtype == torch.bfloat16 else 2e-3
+    tolerance = share * expected.abs().max().item()
+    torch.testing.assert_close(got.float(), expected.float(), rtol=0, atol=tolerance)
+
+
+@pytest.mark.parametrize(
+    "rank, tiles", LORA_CASES, ids=[f"r{r}-{'fixed' if t else 'autotuned'}" for r, t in LORA_CASES]
+)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("factor_dtype", ["float32", "compute"])
+def test_fused_lora_output_and_gradients_match_float32(
+    rank: int, dtype: torch.dtype, factor_dtype: str, tiles: dict | None
+) -> None:
+    """Output and the gradients of x, lora_A and lora_B (in the factors' dtype), over uneven
+    routing with empty experts, edge tiles along both weight dimensions, scaling != 1."""
+    packed = pack_experts(weight(6, dtype=dtype))
+    scaling = 0.5
+    lora_a, lora_b = factors(
+        rank, COLS, ROWS, torch.float32 if factor_dtype == "float32" else dtype, 7
+    )
+    generator = torch.Generator().manual_seed(8)
+    x = torch.randn(sum(ROWS_PER_EXPERT), COLS, generator=generator).to(DEVICE, dtype)
+    x.requires_grad_()
+    grad = torch.randn(x.shape[0], ROWS, generator=generator).to(DEVICE, dtype)
+    ends = torch.tensor(ROWS_PER_EXPERT).cumsum(0).to(DEVICE, torch.int32)
+
+    out = grouped_linear_4bit_lora(x, ends, packed, ExpertLoRA(lora_a, lora_b, scaling), tiles)
+    out.backward(grad)
+
+    leaves = [t.detach().float().requires_grad_() for t in (x, lora_a, lora_b)]
+    expected = lora_reference(*leaves[:1], dequantize_all(packed), *leaves[1:], scaling)
+    expected.backward(grad.float())
+    assert out.dtype == dtype and x.grad.dtype == dtype
+    assert lora_a.grad.dtype == lora_a.dtype and lora_b.grad.dtype == lora_b.dtype
+    assert_close_to_reference(out, expected, dtype)
+    for got, leaf in zip((x, lora_a, lora_b), leaves, strict=True):
+        assert_close_to_reference(got.grad, leaf.grad, dtype)
+    # The low-rank term is far above the tolerance: it is really there, in peft's layout.
+    base = reference(x.detach(), dequantize_all(packed), transpose=False)
+    assert (expected.detach() - base).abs().max() > 0.1 * base.abs().max()
+
+
+class FixedTiles:
+    """Stands in for an autotuned kernel: launches `kernel` with fixed tiles (the autotuner
+    times its configs on a GPU, which the interpreter has not got)."""
+
+    def __init__(self, kernel, tiles: dict) -> None:
+        self.kernel, self.tiles = kernel, tiles
+
+    def __getitem__(self, grid):
+        return functools.partial(self.kernel[grid], **self.tiles)
+
+
+@pytest.fixture
+def fused_here(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """experts_4bit_forward takes the fused kernels on this device (on CPU, through the
+    interpreter); returns the list of ranks the fused LoRA path ran with, call by call."""
+    monkeypatch.setattr(
+        experts_4bit, "fused_4bit_available", lambda x, state: fused_4bit_supports(state)
+    )
+    if INTERPRETED:
+        grad_tiles = {k: v for k, v in BLOCKS.items() if k != "BLOCK_K"}
+        for name, kernel, tiles in (
+            ("_x_wt_tuned", fused_module._x_wt_kernel, BLOCKS),
+            ("_x_w_tuned", fused_module._x_w_kernel, BLOCKS),
+            ("_low_rank_grad_tuned", fused_module._low_rank_grad_kernel, grad_tiles),
+        ):
+            monkeypatch.setattr(fused_module, name, FixedTiles(kernel, tiles))
+    calls: list[int] = []
+    fused = experts_4bit.grouped_linear_4bit_lora
+
+    def counted(x, offsets, packed, adapter, blocks=None):
+        calls.append(adapter.lora_A.shape[0] // packed.num_experts)
+        return fused(x, offsets, packed, adapter, blocks)
+
+    monkeypatch.setattr(experts_4bit, "grouped_linear_4bit_lora", counted)
+    return calls
+
+
+def moe_layer(dtype: torch.dtype, hidden: int = 64, inner: int = 64, tokens: int = 24):
+    """Packed gate_up (E, 2*inner, hidden) and down (E, hidden, inner), a gate, and a routing
+    of `tokens` tokens to two experts each that leaves expert 0 without tokens."""
+    generator = torch.Generator().manual_seed(10)
+    gate_up = pack_experts(
+        (torch.randn(EXPERTS, 2 * inner, hidden, generator=generator) * 0.05).to(DEVICE, dtype)
+    )
+    down = pack_experts(
+        (torch.randn(EXPERTS, hidden, inner, generator=generator) * 0.05).to(DEVICE, dtype)
+    )
+    x = torch.randn(tokens, hidden, generator=generator).to(DEVICE, dtype)
+    probs = torch.randn(tokens, EXPERTS, generator=generator).softmax(-1)
+    probs[:, 0] = 0
+    weights, index = torch.topk(probs, 2)
+    return gate_up, down, x, index.to(DEVICE), weights.to(DEVICE, dtype)
+
+
+def gate(gate_up_out: torch.Tensor) -> torch.Tensor:
+    g, u = gate_up_out.chunk(2, dim=-1)
+    return torch.nn.functional.gelu(g, approximate="tanh") * u
+
+
+def run_layer(layer, ranks: dict[str, list[int]], **settings) -> list[torch.Tensor]:
+    """One forward + backward of the experts layer with adapters of these ranks on gate_up
+    and down (several on one weight when listed): its output and the gradients of its input
+    and of every factor."""
+    gate_up, down, x, index, weights = layer
+    x = x.clone().requires_grad_()
+    adapters, leaves = {}, []
+    for seed, (name, packed) in enumerate((("gate_up", gate_up), ("down", down))):
+        _, out_features, in_features = packed.shape
+        adapters[name] = []
+        for i, rank in enumerate(ranks[name]):
+            lora_a, lora_b = factors(rank, in_features, out_features, torch.float32, 20 + seed + i)
+            adapters[name].append(ExpertLoRA(lora_a, lora_b, 2.0 if seed else 0.5))
+            leaves += [lora_a, lora_b]
+    out = experts_4bit_forward(
+        gate_up,
+        down,
+        gate,
+        x,
+        index,
+        weights,
+        gate_up_lora=adapters["gate_up"],
+        down_lora=adapters["down"],
+        **settings,
+    )
+    out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(4)).to(out))
+    return [out.detach(), x.grad, *(t.grad for t in leaves)]
+
+
+def relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((got.float() - expected.float()).norm() / expected.float().norm()).item()
+
+
+@pytest.mark.parametrize(
+    "ranks, fused_ranks",
+    [
+        ({"gate_up": [12], "down": [4]}, [12, 4]),
+        # Two adapters on gate_up run unfused beside the kernel; down's one is fused.
+        ({"gate_up": [4, 8], "down": [16]}, [16]),
+    ],
+)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_experts_forward_with_fused_lora_matches_the_unfused_path(
+    fused_here: list[int], ranks: dict, fused_ranks: list[int], dtype: torch.dtype
+) -> None:
+    """The whole experts layer (routing, gate, both weights): the fused LoRA path against
+    the grouped-GEMM LoRA path on dequantized weights, output and every gradient."""
+    layer = moe_layer(dtype)
+    fused = run_layer(layer, ranks)
+    assert fused_here == fused_ranks
+    unfused = run_layer(layer, ranks, kernel="dequantize", lora_kernel="unfused")
+    assert fused_here == fused_ranks  # no more fused calls
+    share = 3e-2 if dtype == torch.bfloat16 else 5e-3
+    for got, expected in zip(fused, unfused, strict=True):
+        assert relative_error(got, expected) < share
+
+
+def test_fusion_is_only_chosen_where_it_applies(fused_here: list[int]) -> None:
+    gate_up, _, x, _, _ = moe_layer(DTYPES[0])
+    routed = x.repeat(2, 1)
+
+    def adapters(*ranks: int) -> list[ExpertLoRA]:
+        return [ExpertLoRA(*factors(r, 64, 128, torch.float32, r), 1.0) for r in ranks]
+
+    chosen = experts_4bit._fuses_lora
+    assert chosen(routed, gate_up, adapters(16), "auto", "auto")
+    assert chosen(routed, gate_up, adapters(MAX_FUSED_LORA_RANK), "auto", "auto")
+    assert not chosen(routed, gate_up, adapters(MAX_FUSED_LORA_RANK + 1), "auto", "auto")
+    assert not chosen(routed, gate_up, adapters(4, 4), "auto", "auto")
+    assert not chosen(routed, gate_up, adapters(4), "dequantize", "auto")
+    assert not chosen(routed, gate_up, adapters(4), "auto", "unfused")
+    assert not chosen(routed, gate_up, [], "auto", "auto")
