@@ -667,7 +667,7 @@ def run(args: argparse.Namespace) -> None:
     plan = [(length, c) for length, c in PLAN if length in lengths and c in args.configs]
     estimates: dict[str, float] = {}
     for length, config in plan:
-        steps = LOSS_STEPS if length == lengths[0] else STEPS
+        steps = steps_for(length, lengths, args.steps)
         guess = estimates.get(config, 40.0) * (steps / STEPS) * max(1.0, length / 2048)
         if time.perf_counter() - started + guess > args.budget_s:
             results.add({"kind": "run", "config": config, "tokens": length, "skipped": "budget"})
@@ -681,6 +681,15 @@ def run(args: argparse.Namespace) -> None:
             (time.perf_counter() - before) * (STEPS / steps) / max(1.0, length / 2048)
         )
     log(f"done in {time.perf_counter() - started:.0f} s")
+
+
+def steps_for(length: int, lengths: tuple[int, ...], requested: int | None) -> int:
+    """Optimizer steps of one run: LOSS_STEPS at the first length (its losses are compared),
+    STEPS elsewhere, or `requested` everywhere; the last two are profiled and traced, the
+    first two warm up, so STEPS leaves two timed steps and 10 leaves six."""
+    if requested is not None:
+        return requested
+    return LOSS_STEPS if length == lengths[0] else STEPS
 
 
 def load(args: argparse.Namespace, results: Results):
@@ -913,6 +922,17 @@ def _sync_lines(runs: dict) -> list[str]:
     return out
 
 
+def step_count(text: str) -> int:
+    """--steps: at least STEPS (two warm-up steps, two timed, one profiled, one traced)."""
+    try:
+        steps = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if not STEPS <= steps <= 200:
+        raise argparse.ArgumentTypeError(f"{steps} is outside {STEPS}..200")
+    return steps
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -923,6 +943,13 @@ def main() -> None:
     go.add_argument("--configs", nargs="+", choices=CONFIGS, default=list(CONFIGS))
     go.add_argument("--wide-kernel", help="skip the choice: use this wide-head attention")
     go.add_argument("--budget-s", type=float, default=540, help="skip runs past this time")
+    go.add_argument(
+        "--steps",
+        type=step_count,
+        metavar=f"{STEPS}..200",
+        help=f"steps of every run (default {LOSS_STEPS} at the first length, {STEPS} elsewhere; "
+        "all but four are timed)",
+    )
     show = sub.add_parser("report", help="markdown from a run's records")
     show.add_argument("out", type=Path)
     args = parser.parse_args()

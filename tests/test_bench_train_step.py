@@ -72,3 +72,18 @@ def test_report_gives_ratios_and_flags_losses_outside_one_percent() -> None:
         in text
     )
     assert "| liger | – | – |" in text and "| budget |" in text
+
+
+def test_steps_default_per_length_and_requested_everywhere() -> None:
+    lengths = (2048, 512, 4096)
+    assert train_step.steps_for(2048, lengths, None) == train_step.LOSS_STEPS
+    assert train_step.steps_for(512, lengths, None) == train_step.STEPS
+    assert [train_step.steps_for(t, lengths, 20) for t in lengths] == [20, 20, 20]
+
+
+@pytest.mark.parametrize("text", ["3", "201", "ten"])
+def test_steps_outside_the_range_are_refused_in_one_line(text: str) -> None:
+    import argparse
+
+    with pytest.raises(argparse.ArgumentTypeError):
+        train_step.step_count(text)
