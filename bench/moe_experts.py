@@ -12,9 +12,10 @@ Variants, all in one run on one GPU:
                    patches/inject/experts_4bit_triton.py (what P13 runs on a GPU)
   nf4-fused-ours+lora<r>
                    the fused path with LoRA rank r on both fused weights, run as P15 runs it
-                   (trainable float32 A and B, gradients for them too): the low-rank products
-                   inside the fused 4-bit kernels, forward and backward, and one small
-                   kernel per factor for its gradient
+                   (trainable float32 A and B, gradients for them too): a small kernel for
+                   the rank-r rows, their up-projection in the fused 4-bit kernel's
+                   epilogue, forward and backward, and one small kernel per factor for its
+                   gradient
   nf4-fused-ours+lora<r>-unfused
                    the same with STACKPATCH_EXPERT_LORA_KERNEL=unfused, the path before the
                    fusion: two low-rank grouped GEMMs per weight beside the 4-bit kernel

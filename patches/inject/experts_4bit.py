@@ -17,8 +17,9 @@ size), at the cost of one more dequantization per chunk in backward.
 LoRA on the experts (peft `target_parameters`, made to work on packed experts by P15) never
 touches the packed weights: y_e = W4_e x + s B_e (A_e x), so no (E, out, in) delta and no
 float copy of a weight is ever made. Where the fused kernel runs, one adapter on a weight is
-computed inside it (GroupedLinear4bitLoRA: the low-rank products ride along the 4-bit GEMM's
-tiles forward and backward, and one small kernel per factor sums its gradient per expert);
+computed with it (GroupedLinear4bitLoRA: a small kernel makes the low-rank rows, the 4-bit
+GEMM adds their up-projection in its epilogue, forward and backward, and one small kernel
+per factor sums its gradient per expert);
 otherwise, and for several adapters on one weight, each adapter's factors run beside the
 4-bit GEMM as two low-rank grouped GEMMs over the same routed rows.
 
@@ -385,8 +386,8 @@ def _fused_factors(
 class GroupedLinear4bitLoRA(torch.autograd.Function):
     """GroupedLinear4bit plus one expert LoRA adapter, computed inside the fused 4-bit kernels.
 
-    Forward, one kernel: y = x W_e^T + s (x A_e^T) B_e^T, and h = x A_e^T written out.
-    Backward, one kernel: dx = dy W_e + s (dy B_e) A_e, and g = dy B_e written out; then
+    Forward, two kernels: h = x A_e^T, then y = x W_e^T + s h B_e^T (the 4-bit GEMM's epilogue).
+    Backward, two kernels: g = dy B_e, then dx = dy W_e + s g A_e; then
     dA_e = s g_e^T x_e and dB_e = s h_e^T dy_e by one small kernel each, stored straight into
     peft's layouts (B rank-major) in the factors' own dtype. Saved for backward: x (dA needs
     it, as the unfused path's grouped GEMM saves it too), h (rows x R), and the factors in

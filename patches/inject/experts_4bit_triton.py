@@ -18,14 +18,15 @@ the odd columns of x (split from the loaded tile), in x @ W they make the even a
 output columns (joined at the store), so no value is ever shuffled into place. A weight
 tile never straddles two scale blocks, so each tile row needs one scale.
 
-One LoRA adapter rides along inside the same kernels (y_e = W4_e x + s B_e A_e x): while a
-program loads its rows' tiles along the reduction it also multiplies them by the expert's
-first factor into a rows x rank accumulator, and in the epilogue multiplies that by the
-second factor into the output tile before the store. The rank is padded to a power of two
-of at least 16 (tl.dot's smallest operand) with zero rows in the factors. Every column tile
-of a row block recomputes the same low-rank product (rank/BLOCK_N more tensor-core work);
-the programs of column tile 0 write it out, for backward. The weight gradients of the
-factors are per-expert products over the expert's rows (`_low_rank_grad_kernel`).
+One LoRA adapter rides along (y_e = W4_e x + s B_e A_e x) in two steps. A small grouped
+kernel computes the low-rank rows h = x A_e^T once per row block (`_low_rank_down_kernel`);
+the 4-bit kernels then add s h B_e^T to each output tile in their epilogue, before the store.
+Computing h inside the 4-bit kernels instead made every column tile of a row block repeat
+it (rank/BLOCK_N more tensor-core work, a second accumulator and factor loads in the hot
+loop): 1.27x the kernel without LoRA at 2,048 tokens on an H200, where the epilogue alone
+costs a few percent. The rank is padded to a power of two of at least 16 (tl.dot's smallest
+operand) with zero rows in the factors. The weight gradients of the factors are per-expert
+products over the expert's rows (`_low_rank_grad_kernel`).
 
 Like experts_4bit.py this is a real module (tests run it, on CPU through TRITON_INTERPRET=1);
 P13 inserts it into transformers beside experts_4bit.py. Without Triton nothing here is
@@ -203,28 +204,65 @@ if triton is not None:
     @triton.jit
     def _lora_up(
         acc,
-        rank_acc,
-        up_ptr,
         low_rank_ptr,
+        up_ptr,
         scaling,
         expert,
         rows,
+        row_ok,
         cols,
         col_ok,
         N,
-        low_end,
         LORA_R: tl.constexpr,
     ):
-        """acc + scaling * rank_acc @ U_e[:, cols], U (E, LORA_R, N); rank_acc itself is
-        stored as the (S, LORA_R) low-rank activations of the rows below `low_end`."""
+        """acc + scaling * low_rank[rows] @ U_e[:, cols], low_rank (S, LORA_R), U (E, LORA_R, N)."""
         ranks = tl.arange(0, LORA_R)
-        low_out = low_rank_ptr + rows[:, None].to(tl.int64) * LORA_R + ranks[None, :]
-        low_type = low_rank_ptr.dtype.element_ty
-        tl.store(low_out, rank_acc.to(low_type), mask=rows[:, None] < low_end)
+        low = tl.load(
+            low_rank_ptr + rows[:, None].to(tl.int64) * LORA_R + ranks[None, :],
+            mask=row_ok[:, None],
+            other=0.0,
+        )
         factor_rows = (expert * LORA_R + ranks).to(tl.int64) * N
         u = tl.load(up_ptr + factor_rows[:, None] + cols[None, :], mask=col_ok[None, :], other=0.0)
         # Scaled in float32 on the small operand, rounded once to the compute dtype.
-        return tl.dot((rank_acc * scaling).to(u.dtype), u, acc)
+        return tl.dot((low.to(tl.float32) * scaling).to(u.dtype), u, acc)
+
+    @triton.jit
+    def _low_rank_down_kernel(
+        x_ptr,
+        down_ptr,
+        low_rank_ptr,
+        ends_ptr,
+        num_experts,
+        K,
+        rows_bucket,
+        EXPERTS_POW2: tl.constexpr,
+        LORA_R: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+    ):
+        """low_rank[rows of e] = x[rows of e] @ D_e^T, x (S, K), D (E, LORA_R, K), low_rank
+        (S, LORA_R); one program per row tile, as the 4-bit kernels walk the rows.
+
+        rows_bucket (rows per expert, rounded) is only a key for the autotuner."""
+        expert, row_start, row_end = _expert_tile(
+            ends_ptr, num_experts, tl.program_id(0), EXPERTS_POW2, BLOCK_M
+        )
+        if expert >= num_experts:
+            return
+        rows = row_start + tl.arange(0, BLOCK_M)
+        row_ok = rows < row_end
+        x_rows = x_ptr + rows.to(tl.int64) * K
+        acc = tl.zeros((BLOCK_M, LORA_R), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            a = tl.load(
+                x_rows[:, None] + ks[None, :], mask=row_ok[:, None] & (ks < K)[None, :], other=0.0
+            )
+            acc = _lora_down(acc, a, down_ptr, expert, ks, K, LORA_R)
+        ranks = tl.arange(0, LORA_R)
+        out = low_rank_ptr + rows[:, None].to(tl.int64) * LORA_R + ranks[None, :]
+        tl.store(out, acc.to(low_rank_ptr.dtype.element_ty), mask=row_ok[:, None])
 
     @triton.jit
     def _x_wt_kernel(
@@ -234,7 +272,6 @@ if triton is not None:
         packed_ptr,
         absmax_ptr,
         code_ptr,
-        lora_down_ptr,
         lora_up_ptr,
         low_rank_ptr,
         scaling,
@@ -253,8 +290,8 @@ if triton is not None:
         LORA_R: tl.constexpr,
     ):
         """out[rows of e] = x[rows of e] @ W_e^T, W (E, N, K) packed; K % BLOCK_K == 0.
-        With LORA_R > 0 also + scaling * (x @ D_e^T) @ U_e, D (E, LORA_R, K), U (E, LORA_R, N),
-        and x @ D_e^T is written to low_rank (S, LORA_R).
+        With LORA_R > 0 also + scaling * low_rank[rows of e] @ U_e, low_rank (S, LORA_R) and
+        U (E, LORA_R, N).
 
         rows_bucket (rows per expert, rounded) is only a key for the autotuner."""
         pid = tl.program_id(0)
@@ -276,12 +313,8 @@ if triton is not None:
         weight_rows = expert * expert_numel + cols * K  # flat index of W[e, n, 0]
 
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        if LORA_R > 0:
-            rank_acc = tl.zeros((BLOCK_M, LORA_R), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             a = tl.load(x_rows[:, None] + k0 + ks[None, :], mask=row_ok[:, None], other=0.0)
-            if LORA_R > 0:
-                rank_acc = _lora_down(rank_acc, a, lora_down_ptr, expert, k0 + ks, K, LORA_R)
             a_even, a_odd = tl.split(tl.reshape(a, (BLOCK_M, BLOCK_K // 2, 2)))
             start = weight_rows + k0
             byte_rows = tl.multiple_of(start // 2, BLOCK_K // 2)
@@ -294,20 +327,17 @@ if triton is not None:
             acc = tl.dot(a_odd, tl.trans(low), acc)
 
         if LORA_R > 0:
-            # Column tile 0 writes the low-rank rows out; the others write none.
-            low_end = tl.where(pid % n_tiles == 0, row_end, row_start)
             acc = _lora_up(
                 acc,
-                rank_acc,
-                lora_up_ptr,
                 low_rank_ptr,
+                lora_up_ptr,
                 scaling,
                 expert,
                 rows,
+                row_ok,
                 cols,
                 col_ok,
                 N,
-                low_end,
                 LORA_R,
             )
         out = out_ptr + rows[:, None].to(tl.int64) * N + cols[None, :]
@@ -321,7 +351,6 @@ if triton is not None:
         packed_ptr,
         absmax_ptr,
         code_ptr,
-        lora_down_ptr,
         lora_up_ptr,
         low_rank_ptr,
         scaling,
@@ -340,8 +369,7 @@ if triton is not None:
         LORA_R: tl.constexpr,
     ):
         """out[rows of e] = x[rows of e] @ W_e, W (E, K, N) packed; N % BLOCK_N == 0.
-        LORA_R > 0 adds the low-rank term as _x_wt_kernel does, D (E, LORA_R, K) and
-        U (E, LORA_R, N).
+        LORA_R > 0 adds the low-rank term as _x_wt_kernel does.
 
         rows_bucket (rows per expert, rounded) is only a key for the autotuner."""
         pid = tl.program_id(0)
@@ -360,16 +388,12 @@ if triton is not None:
 
         even = tl.zeros((BLOCK_M, BLOCK_N // 2), dtype=tl.float32)
         odd = tl.zeros((BLOCK_M, BLOCK_N // 2), dtype=tl.float32)
-        if LORA_R > 0:
-            rank_acc = tl.zeros((BLOCK_M, LORA_R), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)
             k_ok = ks < K
             a = tl.load(
                 x_rows[:, None] + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0
             )
-            if LORA_R > 0:
-                rank_acc = _lora_down(rank_acc, a, lora_down_ptr, expert, ks, K, LORA_R)
             start = weight_col + ks * N
             byte_rows = tl.multiple_of(start // 2, BLOCK_N // 2)
             packed = tl.load(
@@ -384,20 +408,17 @@ if triton is not None:
         acc = tl.reshape(tl.join(even, odd), (BLOCK_M, BLOCK_N))
         cols = col0 + tl.arange(0, BLOCK_N)
         if LORA_R > 0:
-            # Column tile 0 writes the low-rank rows out; the others write none.
-            low_end = tl.where(pid % n_tiles == 0, row_end, row_start)
             acc = _lora_up(
                 acc,
-                rank_acc,
-                lora_up_ptr,
                 low_rank_ptr,
+                lora_up_ptr,
                 scaling,
                 expert,
                 rows,
+                row_ok,
                 cols,
                 cols < N,
                 N,
-                low_end,
                 LORA_R,
             )
         out = out_ptr + rows[:, None].to(tl.int64) * N + cols[None, :]
@@ -492,6 +513,19 @@ if triton is not None:
         ),
         key=_KEY,
     )(_x_w_kernel)
+    _low_rank_down_tuned = triton.autotune(
+        [
+            triton.Config({"BLOCK_M": m, "BLOCK_K": k}, num_warps=warps, num_stages=stages)
+            for m, k, warps, stages in (
+                (32, 128, 4, 3),
+                (64, 128, 4, 3),
+                (64, 256, 4, 3),
+                (128, 64, 4, 4),
+                (128, 128, 8, 3),
+            )
+        ],
+        key=["K", "rows_bucket", "LORA_R"],
+    )(_low_rank_down_kernel)
     _low_rank_grad_tuned = triton.autotune(
         [
             triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=warps, num_stages=3)
@@ -526,16 +560,16 @@ def _launch_4bit(
     state,
     transpose: bool,
     blocks: dict | None,
-    lora: tuple[torch.Tensor, torch.Tensor, torch.Tensor, float] | None,
+    lora: tuple[torch.Tensor, torch.Tensor, float] | None,
 ) -> torch.Tensor:
-    """Runs the kernel of `grouped_gemm_4bit`; `lora` is (D, U, low_rank out, scaling)."""
+    """Runs the kernel of `grouped_gemm_4bit`; `lora` is (U, low_rank, scaling)."""
     num_experts, rows, cols = state.shape
     n, k = (cols, rows) if transpose else (rows, cols)
     out = torch.empty((x.shape[0], n), dtype=state.dtype, device=x.device)
     if x.shape[0] == 0:
         return out
     # Without an adapter the LoRA pointers are never read (LORA_R == 0 compiles them out).
-    down, up, low_rank, scaling = lora if lora is not None else (x, x, x, 0.0)
+    up, low_rank, scaling = lora if lora is not None else (x, x, 0.0)
     arguments = (
         x,
         out,
@@ -543,7 +577,6 @@ def _launch_4bit(
         packed.view(torch.uint8).view(-1),
         absmax.float().contiguous(),
         state.code.float().to(x.device).contiguous(),
-        down,
         up,
         low_rank,
         float(scaling),
@@ -560,7 +593,7 @@ def _launch_4bit(
         "QUANT_BLOCK": state.blocksize,
         "USE_ASM": gpu_decode,
         "DECODE_ASM": decode_asm_for(state.quant_type, state.dtype) if gpu_decode else "",
-        "LORA_R": 0 if lora is None else down.shape[1],
+        "LORA_R": 0 if lora is None else up.shape[1],
     }
 
     def grid(meta: dict) -> tuple[int]:
@@ -609,12 +642,14 @@ def grouped_gemm_4bit_lora(
     scaling: float,
     blocks: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """grouped_gemm_4bit plus one low-rank term, in the same kernel: (y, low) with
-    low[rows of e] = x[rows of e] @ D_e^T and y = x @ W_e^T (or @ W_e) + scaling * low @ U_e.
+    """grouped_gemm_4bit plus one low-rank term: (y, low) with low[rows of e] = x[rows of e]
+    @ D_e^T (one small kernel) and y = x @ W_e^T (or @ W_e) + scaling * low @ U_e (the 4-bit
+    kernel's epilogue).
 
     D (E, R, x's columns) and U (E, R, y's columns) are in the compute dtype, contiguous,
     their rank R a power of two >= 16 (zero rows past the adapter's rank); `low` is
-    (rows, R) in the compute dtype.
+    (rows, R) in the compute dtype. `blocks` fixes BLOCK_M and BLOCK_K of the first kernel
+    too.
     """
     rank = down.shape[1]
     if rank < 16 or rank & (rank - 1) or up.shape[1] != rank:
@@ -624,8 +659,36 @@ def grouped_gemm_4bit_lora(
     x = x.to(state.dtype).contiguous()
     down, up = down.to(state.dtype).contiguous(), up.to(state.dtype).contiguous()
     low = torch.empty((x.shape[0], rank), dtype=state.dtype, device=x.device)
-    out = _launch_4bit(x, ends, packed, absmax, state, transpose, blocks, (down, up, low, scaling))
+    if x.shape[0]:
+        _launch_low_rank_down(x, ends, down, low, blocks)
+    out = _launch_4bit(x, ends, packed, absmax, state, transpose, blocks, (up, low, scaling))
     return out, low
+
+
+def _launch_low_rank_down(
+    x: torch.Tensor, ends: torch.Tensor, down: torch.Tensor, low: torch.Tensor, blocks: dict | None
+) -> None:
+    num_experts, rank, k = down.shape
+    arguments = (
+        x,
+        down,
+        low,
+        ends.to(torch.int32).contiguous(),
+        num_experts,
+        k,
+        _rows_bucket(x.shape[0], num_experts),
+    )
+    constants = {"EXPERTS_POW2": triton.next_power_of_2(num_experts), "LORA_R": rank}
+
+    def grid(meta: dict) -> tuple[int]:
+        return (triton.cdiv(x.shape[0], meta["BLOCK_M"]) + num_experts,)
+
+    with _on_device(x):
+        if blocks is None:
+            _low_rank_down_tuned[grid](*arguments, **constants)
+        else:
+            tiles = {key: blocks[key] for key in ("BLOCK_M", "BLOCK_K")}
+            _low_rank_down_kernel[grid](*arguments, **constants, **tiles)
 
 
 def low_rank_grad(

@@ -249,9 +249,11 @@ def fused_here(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     )
     if INTERPRETED:
         grad_tiles = {k: v for k, v in BLOCKS.items() if k != "BLOCK_K"}
+        down_tiles = {k: v for k, v in BLOCKS.items() if k != "BLOCK_N"}
         for name, kernel, tiles in (
             ("_x_wt_tuned", fused_module._x_wt_kernel, BLOCKS),
             ("_x_w_tuned", fused_module._x_w_kernel, BLOCKS),
+            ("_low_rank_down_tuned", fused_module._low_rank_down_kernel, down_tiles),
             ("_low_rank_grad_tuned", fused_module._low_rank_grad_kernel, grad_tiles),
         ):
             monkeypatch.setattr(fused_module, name, FixedTiles(kernel, tiles))
