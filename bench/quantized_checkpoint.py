@@ -21,9 +21,7 @@ file-backed RSS sampled every 20 ms, since safetensors maps the files and their 
 as RSS until the loader lets go of them), and the checkpoints' sizes on disk. The 4-bit
 loads check that the experts come back packed and that their logits on a fixed input equal
 those of the model that saved them. Writes quantized_checkpoint.json and .md to --results.
---compare-readahead adds both cold loads with P19's read-ahead hint switched off
-(STACKPATCH_CHECKPOINT_READAHEAD=0), after the others. --profile then loads the 4-bit
-checkpoint once more (warm, not timed into the table) under
+--profile then loads the 4-bit checkpoint once more (warm, not timed into the table) under
 cProfile and writes the top functions to load-profile-nf4-warm.txt beside them, with the
 size and read time of /proc/self/maps (P19 reads it for every tensor it releases).
 """
@@ -52,8 +50,6 @@ LOAD_TIME_RATIO = 1 / 3
 HOST_RSS_GIB = 6.0
 CHECKPOINT_BYTES = 15e9
 STAGES = ("bf16-cold", "nf4-cold", "bf16-warm", "nf4-warm")
-# --compare-readahead: both cold loads again with P19's read-ahead hint off.
-NO_READAHEAD_STAGES = ("bf16-cold-no-readahead", "nf4-cold-no-readahead")
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "config.json")
 
 
@@ -179,7 +175,7 @@ def run_stage(args: argparse.Namespace) -> None:
     if not args.tiny:
         torch.zeros(1, device=device)  # the CUDA context belongs to the baseline
     source = args.bf16 if args.stage.startswith("bf16") else args.nf4
-    evicted = evict(source) if "-cold" in args.stage else 0
+    evicted = evict(source) if args.stage.endswith("cold") else 0
     baseline = status()
     hwm_reset = reset_peak_rss()
     sampler = RssSampler()
@@ -324,10 +320,7 @@ def child(args: argparse.Namespace, stage: str, profile_to: Path | None = None) 
     ] + (["--tiny"] if args.tiny else [])
     command += ["--profile-to", str(profile_to)] if profile_to else []
     print(f"== {stage}" + (" (profiled)" if profile_to else ""), flush=True)
-    env = dict(os.environ)
-    if stage in NO_READAHEAD_STAGES:
-        env["STACKPATCH_CHECKPOINT_READAHEAD"] = "0"
-    completed = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
+    completed = subprocess.run(command, capture_output=True, text=True, check=False)
     lines = [line for line in completed.stdout.splitlines() if line.startswith("{")]
     if completed.returncode or not lines:
         sys.stderr.write(completed.stderr[-4000:])
@@ -380,11 +373,6 @@ def targets(runs: dict, sizes: dict) -> dict:
         )
         if "nf4-warm" in runs
         else None,
-        "nf4_load_time_over_bf16_cold_no_readahead": round(
-            runs["nf4-cold-no-readahead"]["load_s"] / runs["bf16-cold-no-readahead"]["load_s"], 3
-        )
-        if "nf4-cold-no-readahead" in runs
-        else None,
         "load_time_met": ratio <= LOAD_TIME_RATIO,
         "host_rss_met": all(
             runs[s]["peak_rss_above_baseline_gib"] <= HOST_RSS_GIB
@@ -409,14 +397,12 @@ def size(count: int) -> str:
 
 def markdown(result: dict) -> str:
     meta, runs, sizes, met = result["meta"], result["runs"], result["sizes"], result["targets"]
-    stages = [s for s in STAGES + NO_READAHEAD_STAGES if s in runs]
+    stages = [s for s in STAGES if s in runs]
     names = {
         "bf16-cold": "BF16 ckpt → P13 (cold)",
         "nf4-cold": "4-bit ckpt (cold)",
         "bf16-warm": "BF16 ckpt → P13 (warm)",
         "nf4-warm": "4-bit ckpt (warm)",
-        "bf16-cold-no-readahead": "BF16 ckpt → P13 (cold, no read-ahead)",
-        "nf4-cold-no-readahead": "4-bit ckpt (cold, no read-ahead)",
     }
 
     def cell(value, unit: str) -> str:
@@ -476,13 +462,7 @@ def markdown(result: dict) -> str:
         f"- 4-bit load ≤ 1/3 of the BF16 path's time: cold "
         f"{met['nf4_load_time_over_bf16_cold']}, warm "
         f"{met['nf4_load_time_over_bf16_warm'] or 'not measured'} → "
-        f"{'met' if met['load_time_met'] else 'NOT met'} (cold)"
-        + (
-            f"; without P19's read-ahead hint cold {plain}"
-            if (plain := met.get("nf4_load_time_over_bf16_cold_no_readahead"))
-            else ""
-        )
-        + ";",
+        f"{'met' if met['load_time_met'] else 'NOT met'} (cold);",
         f"- both loads ≤ {HOST_RSS_GIB:g} GiB host RSS above baseline: VmHWM "
         f"{'met' if met['host_rss_met'] else 'NOT met'}, anonymous memory "
         f"{'met' if met['host_anon_rss_met'] else 'NOT met'};",
@@ -515,9 +495,7 @@ def drive(args: argparse.Namespace) -> None:
         )
     args.work.mkdir(parents=True, exist_ok=True)
     (args.work / "bf16-cold-logits.pt").unlink(missing_ok=True)
-    stages = (STAGES if args.warm else STAGES[:2]) + (
-        NO_READAHEAD_STAGES if args.compare_readahead else ()
-    )
+    stages = STAGES if args.warm else STAGES[:2]
     runs = {stage: child(args, stage) for stage in stages}
     sizes = {
         "bf16_bytes": bf16_bytes,
@@ -559,14 +537,9 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="a tiny model on CPU (a smoke run)")
     parser.add_argument("--no-warm", dest="warm", action="store_false", help="cold loads only")
     parser.add_argument(
-        "--compare-readahead",
-        action="store_true",
-        help="also both cold loads with P19's read-ahead hint off",
-    )
-    parser.add_argument(
         "--profile", action="store_true", help="then profile one more warm 4-bit load (cProfile)"
     )
-    parser.add_argument("--stage", choices=STAGES + NO_READAHEAD_STAGES, help=argparse.SUPPRESS)
+    parser.add_argument("--stage", choices=STAGES, help=argparse.SUPPRESS)
     parser.add_argument("--profile-to", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.stage:

@@ -22,15 +22,9 @@ Only what is certainly safe is released:
   state dict the caller passed stays the caller's, whatever memory it lives in (an in-place
   change to a private file mapping lives in its page, which MADV_DONTNEED would drop).
 
-Before a tensor is copied, its pages are asked for in one go (`madvise(MADV_WILLNEED)` over
-the tensor's bytes): the copy would otherwise fault them in a readahead window at a time
-(128 KiB by default), a few small reads in flight per loader thread, which is what a cold
-load from disk waits on. The hint starts the reads of the whole tensor at once, into the page
-cache and not into this process's RSS; STACKPATCH_CHECKPOINT_READAHEAD=0 turns it off.
-
 P19 inserts this module at the end of transformers/core_model_loading.py and calls
 `stackpatch_materialize_releasing` at the top of `_materialize_copy`. On other systems than
-Linux nothing is released or read ahead.
+Linux nothing is released.
 """
 
 from __future__ import annotations
@@ -38,16 +32,12 @@ from __future__ import annotations
 import ctypes
 import functools
 import mmap
-import os
 import sys
 from collections.abc import Callable, Iterable
 
 import torch
 
-STACKPATCH_MADV_WILLNEED = 3  # <sys/mman.h> on Linux, every architecture
-STACKPATCH_MADV_DONTNEED = 4
-# Smaller tensors fit in the kernel's own readahead window: a hint would only cost a syscall.
-STACKPATCH_READAHEAD_FROM_BYTES = 1 << 20
+STACKPATCH_MADV_DONTNEED = 4  # <sys/mman.h> on Linux, every architecture
 
 
 def stackpatch_page_interior(start: int, nbytes: int, page: int = mmap.PAGESIZE) -> range:
@@ -79,29 +69,8 @@ def _stackpatch_libc_madvise() -> Callable[..., int]:
     return madvise
 
 
-def _stackpatch_madvise(first: int, length: int, advice: int = STACKPATCH_MADV_DONTNEED) -> bool:
-    return _stackpatch_libc_madvise()(first, length, advice) == 0
-
-
-def stackpatch_page_span(start: int, nbytes: int, page: int = mmap.PAGESIZE) -> range:
-    """The pages that hold any of [start, start + nbytes), as a range of addresses."""
-    first = start // page * page
-    return range(first, -(-(start + nbytes) // page) * page)
-
-
-def stackpatch_read_ahead(source: torch.Tensor) -> bool:
-    """Ask the kernel to start reading all of `source`'s pages now (a hint: anonymous memory
-    and pages already resident are left as they are); whether the hint was given."""
-    nbytes = source.numel() * source.element_size()
-    if (
-        not sys.platform.startswith("linux")
-        or source.device.type != "cpu"
-        or nbytes < STACKPATCH_READAHEAD_FROM_BYTES
-        or os.environ.get("STACKPATCH_CHECKPOINT_READAHEAD", "1") == "0"
-    ):
-        return False
-    pages = stackpatch_page_span(source.data_ptr(), nbytes)
-    return _stackpatch_madvise(pages.start, len(pages), STACKPATCH_MADV_WILLNEED)
+def _stackpatch_madvise(first: int, length: int) -> bool:
+    return _stackpatch_libc_madvise()(first, length, STACKPATCH_MADV_DONTNEED) == 0
 
 
 def _stackpatch_storage_span(tensor: torch.Tensor) -> range:
@@ -135,7 +104,6 @@ def stackpatch_materialize_releasing(
     """transformers' `materialize(tensor, device, dtype)` of a slice of a checkpoint file, then
     the file pages it was read from released if the result is a copy."""
     view = source[...]  # type: ignore[index]  # a safetensors slice: a view into the mapping
-    stackpatch_read_ahead(view)
     result = materialize(view, device, dtype)
     stackpatch_release_file_pages(view, result)
     return result

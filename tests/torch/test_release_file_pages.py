@@ -20,13 +20,9 @@ from safetensors.torch import save_file
 from tiny_gemma4 import rss_file, sampling_file_rss, text_config
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, Gemma4ForCausalLM
 
-from patches.inject import release_file_pages
 from patches.inject.release_file_pages import (
-    STACKPATCH_MADV_WILLNEED,
     stackpatch_mapped_file,
     stackpatch_page_interior,
-    stackpatch_page_span,
-    stackpatch_read_ahead,
     stackpatch_release_file_pages,
 )
 
@@ -59,37 +55,6 @@ def test_page_interior_rounds_inwards() -> None:
     assert stackpatch_page_interior(100, 10_000, 4096) == range(4096, 8192)
     assert stackpatch_page_interior(4096, 8192, 4096) == range(4096, 12288)
     assert not stackpatch_page_interior(100, 5000, 4096)  # no whole page inside
-
-
-def test_page_span_rounds_outwards() -> None:
-    assert stackpatch_page_span(100, 10_000, 4096) == range(0, 12288)
-    assert stackpatch_page_span(4096, 8192, 4096) == range(4096, 12288)
-    assert stackpatch_page_span(5000, 1, 4096) == range(4096, 8192)
-
-
-def test_read_ahead_asks_for_every_page_of_a_large_tensor(mapped, monkeypatch) -> None:
-    """The hint covers all of the tensor's bytes (shared edge pages included: reading them
-    early is harmless), the values stay the same, and small tensors get no syscall."""
-    handle, tensors = mapped
-    calls = []
-    real = release_file_pages._stackpatch_madvise
-
-    def recorded(first: int, length: int, advice: int = 0) -> bool:
-        calls.append((first, length, advice))
-        return real(first, length, advice)
-
-    monkeypatch.setattr(release_file_pages, "_stackpatch_madvise", recorded)
-    view = handle.get_slice("a")[...]
-    assert stackpatch_read_ahead(view)
-    [(first, length, advice)] = calls
-    end = view.data_ptr() + view.numel() * view.element_size()
-    assert advice == STACKPATCH_MADV_WILLNEED
-    assert first <= view.data_ptr() and end <= first + length < end + PAGE
-    assert torch.equal(view, tensors["a"])
-    assert not stackpatch_read_ahead(handle.get_slice("c")[...])  # 40 bytes
-    monkeypatch.setenv("STACKPATCH_CHECKPOINT_READAHEAD", "0")
-    assert not stackpatch_read_ahead(view)
-    assert len(calls) == 1
 
 
 def test_only_named_file_mappings_qualify() -> None:
