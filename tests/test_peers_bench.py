@@ -458,6 +458,21 @@ def test_report_takes_the_latest_attempt_that_reached_a_length() -> None:
     assert report.table(report.attempts(failed), "attn")[1]["tokens_per_s"] is None
 
 
+def test_report_keeps_each_length_from_the_call_that_measured_it() -> None:
+    """One call reached 512 tokens only, a later one (asked for 2,048 alone) reached 2,048: the
+    table has both results, each with its own process's figures."""
+    first = [start_line("unsloth", "attn", 7), length_line("unsloth", "attn", 7, 512, 400.0, 15.0)]
+    later = [
+        start_line("unsloth", "attn", 11, lengths=(2048,)),
+        length_line("unsloth", "attn", 11, 2048, 1500.0, 16.0),
+    ]
+    entries = report.table(report.attempts(first + later), "attn")
+    assert [(e["length"], e["status"], e["tokens_per_s"]) for e in entries] == [
+        (512, "ok", 400.0),
+        (2048, "ok", 1500.0),
+    ]
+
+
 def test_report_writes_markdown_and_json(tmp_path: Path) -> None:
     results = tmp_path / "peers.jsonl"
     for record in sample_records():

@@ -4,8 +4,9 @@
         --md bench/results/peers.md --json bench/results/peers.json
     python bench/peers/report.py --results OUT/peers.jsonl --print   # compact table
 
-Several files (one per device call) merge. Per trainer and row the latest attempt (process)
-that reached a length counts; everything else it tried is listed under "Attempts". Ratios
+Several files (one per device call) merge. Per trainer, row and length the latest attempt
+(process) that reached that length counts (else the latest that asked for it); everything
+else it tried is listed under "Attempts". Ratios
 are against the fastest peer (every trainer but stackpatch) at the same length and row.
 """
 
@@ -116,6 +117,18 @@ def chosen(runs: Sequence[Attempt]) -> Attempt:
     return (reached or list(runs))[-1]
 
 
+def chosen_for(runs: Sequence[Attempt], length: int) -> Attempt:
+    """The latest attempt that reached `length`; if none did, `chosen(runs)` where it asked
+    for that length, else the latest attempt that asked. A later call that measured another
+    length does not hide this one's result."""
+    reached = [a for a in runs if length in a.lengths]
+    if reached:
+        return reached[-1]
+    fallback = chosen(runs)
+    asked = [a for a in runs if length in requested_lengths(a)]
+    return fallback if not asked or fallback in asked else asked[-1]
+
+
 def gib(value: Any) -> str:
     return "–" if value is None else f"{value:.2f}"
 
@@ -137,25 +150,25 @@ def describe_outcome(attempt: Attempt, length: int) -> tuple[str, dict[str, Any]
 
 def table(grouped: dict[tuple[str, str], list[Attempt]], row: str) -> list[dict[str, Any]]:
     """One entry per trainer and length of `row`, with ratios to the fastest peer."""
-    picked = {t: chosen(runs) for (t, r), runs in grouped.items() if r == row}
-    lengths = sorted({n for a in picked.values() for n in requested_lengths(a)})
+    runs_of = {t: runs for (t, r), runs in grouped.items() if r == row}
+    asked = {t: {n for a in runs for n in requested_lengths(a)} for t, runs in runs_of.items()}
+    every = sorted(set().union(*asked.values())) if asked else []
+    # a process that stopped before naming its lengths (a check, a failed import) gets a row
+    # for each length the others ran
+    lengths_of = {t: sorted(mine) or every for t, mine in asked.items()}
+    picked = {(t, n): chosen_for(runs, n) for t, runs in runs_of.items() for n in lengths_of[t]}
     fastest: dict[int, tuple[str, float]] = {}
-    for length in lengths:
-        rates = [
-            (t, a.lengths[length]["tokens_per_s"])
-            for t, a in picked.items()
-            if t != OURS
-            and length in a.lengths
-            and a.lengths[length]["status"] == "ok"
-            and a.lengths[length].get("tokens_per_s")
-        ]
-        if rates:
-            fastest[length] = max(rates, key=lambda item: item[1])
+    for (t, length), a in picked.items():
+        result = a.lengths.get(length)
+        if t == OURS or not result or result["status"] != "ok" or not result.get("tokens_per_s"):
+            continue
+        if length not in fastest or result["tokens_per_s"] > fastest[length][1]:
+            fastest[length] = (t, result["tokens_per_s"])
     entries = []
-    for trainer in sorted(picked, key=trainer_rank):
-        attempt = picked[trainer]
-        loaded = attempt.first("loaded") or {}
-        for length in requested_lengths(attempt) or lengths:
+    for trainer in sorted(runs_of, key=trainer_rank):
+        for length in lengths_of[trainer]:
+            attempt = picked[trainer, length]
+            loaded = attempt.first("loaded") or {}
             status, result = describe_outcome(attempt, length)
             # a partial median counts for a run cut off by the time limit, not for a failure
             rate = result.get("tokens_per_s") if result and status in ("ok", "timeout") else None
