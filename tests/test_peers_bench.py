@@ -529,3 +529,18 @@ def test_run_sh_parses_and_refuses_an_unknown_trainer_in_one_line(tmp_path: Path
         lines = completed.stderr.strip().splitlines()
         assert completed.returncode == 2
         assert len(lines) == 1 and lines[0].startswith(message), completed.stderr
+
+
+def test_report_shows_the_warm_up_steps_the_median_leaves_out() -> None:
+    """A trainer that compiles in its first steps: the median of steps >= 3 is its steady
+    rate, and the table also gives those first steps and the wall time of all of them."""
+    steps = [238.4, 18.1] + [0.55] * 8
+    records = [
+        start_line("unsloth", "attn", 7, lengths=(2048,)),
+        length_line("unsloth", "attn", 7, 2048, 3707.0, 14.7, step_s=steps),
+    ]
+    [entry] = report.table(report.attempts(records), "attn")
+    assert entry["first_steps_s"] == [238.4, 18.1]
+    assert entry["steps_wall_s"] == round(sum(steps), 1) == 260.9
+    text = report.markdown(report.summary(records))
+    assert "| 238.4, 18.1 | 260.9 |" in text

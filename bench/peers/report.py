@@ -189,6 +189,12 @@ def table(grouped: dict[tuple[str, str], list[Attempt]], row: str) -> list[dict[
                     "load_s": loaded.get("load_s"),
                     "host_peak_rss_gib": (result or {}).get("host_peak_rss_gib"),
                     "steps": result.get("steps") if result else None,
+                    # compile and autotune warm-up lands in the first steps, which the
+                    # median leaves out: shown beside it
+                    "first_steps_s": (result.get("step_s") or [])[:2] if result else [],
+                    "steps_wall_s": round(sum(result["step_s"]), 1)
+                    if result and result.get("step_s")
+                    else None,
                     "losses": result.get("losses", []) if result else [],
                     "trainable_params": loaded.get("trainable_params"),
                     "error": (result or {}).get("error")
@@ -339,7 +345,9 @@ def markdown(report: dict[str, Any]) -> str:
         "learning rate 2e-4 with cosine schedule and 3% warm-up, gradient clipping 1.0, a fresh "
         "adapter and optimizer per length. tokens/s = median over steps ≥ 3 of tokens / step "
         "wall time (synchronized, step end to step end); peaks = `torch.cuda.max_memory_*` "
-        "over the length's training (reset after loading); host RSS = VmHWM of the process.",
+        "over the length's training (reset after loading); host RSS = VmHWM of the process. "
+        "steps 1, 2 s: the first two steps' wall time, where compile and autotune warm-up "
+        "land; all steps s: the wall time of every step of the length, warm-up included.",
         "",
     ]
     for row, entries in report["tables"].items():
@@ -347,17 +355,19 @@ def markdown(report: dict[str, Any]) -> str:
             f"## {ROW_TITLES[row]}",
             "",
             "| trainer | tokens | status | tokens/s | × fastest peer | peak allocated GiB "
-            "| peak reserved GiB | load s | host peak RSS GiB | first losses |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+            "| peak reserved GiB | load s | steps 1, 2 s | all steps s | host peak RSS GiB "
+            "| first losses |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
         ]
         for e in entries:
             ratio = f"{e['vs_fastest_peer']:.2f}" if e["vs_fastest_peer"] is not None else "–"
             losses = ", ".join(f"{x:.3f}" for x in e["losses"][:3]) or "–"
+            first = ", ".join(f"{x:.1f}" for x in e.get("first_steps_s", [])) or "–"
             lines.append(
                 f"| {e['trainer']} | {e['length']:,} | {e['status']} | "
                 f"{cell(e['tokens_per_s'])} | {ratio} | {gib(e['peak_allocated_gib'])} | "
-                f"{gib(e['peak_reserved_gib'])} | {cell(e['load_s'], 1)} | "
-                f"{gib(e['host_peak_rss_gib'])} | {losses} |"
+                f"{gib(e['peak_reserved_gib'])} | {cell(e['load_s'], 1)} | {first} | "
+                f"{cell(e.get('steps_wall_s'), 1)} | {gib(e['host_peak_rss_gib'])} | {losses} |"
             )
         lines += ["", "Targets (issue 13):", ""]
         lines += [f"- {note}" for note in report["targets"][row]]
