@@ -21,7 +21,10 @@ off on that one model:
 - fast: liger + the fastest correct attention kernel of the head_dim-512 layers (measured
   first, below);
 - compile: syncs + regional torch.compile of the decoder layers + liger's loss + that
-  attention (its warm-up is reported).
+  attention (its warm-up is reported);
+- no-ckpt: default with no decoder layer under gradient checkpointing (the example's
+  `--checkpoint-layers 0`): no forward recompute in backward, every activation kept (it may
+  not fit under the cap at the longer lengths; the run then records the error).
 
 Before loading it measures, on bare tensors: the wide-head attention kernels (forward +
 backward of one global layer's attention) and liger's kernels against Gemma 4's own
@@ -65,11 +68,12 @@ CAP_GIB = 23.0
 LENGTHS = (2048, 512, 4096)
 LOSS_STEPS = 10  # at the first length: the losses compared between configurations
 STEPS = 6  # elsewhere: 2 warm-up, timed, one profiled, one sync-traced
-CONFIGS = ("main", "default", "syncs", "liger", "fast", "compile")
+CONFIGS = ("main", "default", "syncs", "liger", "fast", "compile", "no-ckpt")
 # Which runs come first: the before/after pair at every length, then compile, then the
 # single-switch configurations, so a time limit cuts the least needed.
 PLAN = (
     [(length, c) for length in LENGTHS for c in ("main", "default", "fast")]
+    + [(length, "no-ckpt") for length in LENGTHS]
     + [(length, "compile") for length in LENGTHS]
     + [(length, c) for length in LENGTHS for c in ("syncs", "liger")]
 )
@@ -399,6 +403,20 @@ def liger_checks(lengths: tuple[int, ...]) -> list[dict]:
 # ------------------------------------------------------------------- the model runs
 
 
+def keep_activations(model):
+    """Every decoder layer out of gradient checkpointing (the example's --checkpoint-layers 0);
+    returns the undo."""
+    layers = [m for m in model.modules() if type(m).__name__ == "Gemma4TextDecoderLayer"]
+    for layer in layers:
+        layer.gradient_checkpointing = False
+
+    def undo() -> None:
+        for layer in layers:
+            layer.gradient_checkpointing = True
+
+    return undo
+
+
 class Switches:
     """Puts one loaded model into a configuration and back."""
 
@@ -428,15 +446,19 @@ class Switches:
             self.wide = self.wide_kernel
             if self.wide_kernel != "efficient":
                 self.undo.append(use_wide_head_attention(self.model, self.wide_kernel))
-        if config == "default":
+        if config in ("default", "no-ckpt"):
             self.wide = wide_attention_choice("auto", True, length)
             if self.wide != "sdpa":
                 self.undo.append(use_wide_head_attention(self.model, self.wide))
+        if config == "no-ckpt":
+            self.undo.append(keep_activations(self.model))
         if config == "compile":
             self.undo.append(compile_decoder_layers(self.model))
         return {
             "guard": legacy_guard_class()() if legacy else NonFiniteGuard(),
-            "loss": "liger" if config in ("default", "liger", "fast", "compile") else "chunked",
+            "loss": "liger"
+            if config in ("default", "liger", "fast", "compile", "no-ckpt")
+            else "chunked",
             "device_tokens": not legacy,
         }
 

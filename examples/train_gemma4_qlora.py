@@ -95,6 +95,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="attention kernel of the head_dim-512 global layers (sdpa: as PyTorch picks; "
         f"auto: chunked on a GPU from {CHUNKED_WIDE_FROM:,} tokens, else sdpa)",
     )
+    parser.add_argument(
+        "--checkpoint-layers",
+        type=checkpoint_layers_arg,
+        default=None,
+        metavar="N|all",
+        help="how many decoder layers (the first N) recompute their activations in backward "
+        "(default all); the others keep them: faster, more memory",
+    )
     parser.add_argument("--save-steps", type=int, default=100)
     parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     parser.add_argument("--seed", type=int, default=0)
@@ -107,6 +115,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.model and not args.data:
         parser.error("--model needs --data")
     return args
+
+
+def checkpoint_layers_arg(text: str) -> int | None:
+    """--checkpoint-layers: `all` (None) or a count of layers >= 0."""
+    if text == "all":
+        return None
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected a number of layers or 'all', got {text!r}")
+    return int(text)
 
 
 def fail(message: str, code: int = 2) -> None:
@@ -203,14 +220,24 @@ def experts_in_4bit(model) -> tuple[int, int]:
     return sum(bool(getattr(m, "_stackpatch_4bit_experts", False)) for m in experts), len(experts)
 
 
-def enable_checkpointing(model) -> int:
-    """Non-reentrant gradient checkpointing, verified on every decoder layer."""
+def enable_checkpointing(model, count: int | None = None) -> int:
+    """Non-reentrant gradient checkpointing, verified on every decoder layer, then switched
+    off again past the first `count` layers (all of them when None); returns how many
+    layers recompute their activations in backward.
+
+    Each layer left out keeps its activations from forward to backward instead of running
+    its forward a second time: the step saves that recompute, on the GPU and on the host,
+    whose work per step bounds the 26B-A4B step on an H200 (bench/results/train_step.md)."""
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.enable_input_require_grads()
     layers = [m for m in model.modules() if type(m).__name__ == "Gemma4TextDecoderLayer"]
     if not layers or not all(getattr(m, "gradient_checkpointing", False) for m in layers):
         fail("gradient checkpointing did not switch on for the decoder layers")
-    return len(layers)
+    if count is not None and count > len(layers):
+        fail(f"--checkpoint-layers {count}: the model has {len(layers)} decoder layers")
+    for layer in layers[count:] if count is not None else ():
+        layer.gradient_checkpointing = False
+    return len(layers) if count is None else count
 
 
 def add_lora(model, args: argparse.Namespace):
@@ -357,7 +384,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.four_bit and packed < experts and not args.skip_patch_check:
         fail(f"only {packed} of {experts} expert layers were quantized to 4 bits (P13)")
     frozen = freeze_towers(model)
-    layers = enable_checkpointing(model)
+    layers = enable_checkpointing(model, args.checkpoint_layers)
     model, lora_modules = add_lora(model, args)
     loss, fast = use_fast_paths(model, args)
     if is_main_process():

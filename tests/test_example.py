@@ -292,3 +292,24 @@ def test_accumulation_and_ranks_give_the_same_step(oldest: Path, tmp_path: Path)
         other_loss, other_norm = first_step(out)
         assert other_loss == pytest.approx(loss, rel=1e-3), out.name
         assert other_norm == pytest.approx(grad_norm, rel=0.05), out.name
+
+
+def test_layers_left_out_of_checkpointing_give_the_same_step(oldest: Path, tmp_path: Path) -> None:
+    """Checkpointing trades compute for memory, never the result: with one of the tiny
+    model's two layers and with none recomputing its activations, the first step's loss and
+    gradient norm are those of checkpointing every layer. A count above the model's layers
+    stops in one line before training."""
+    steps = {}
+    for count, shown in (("all", "2"), ("1", "1"), ("0", "0")):
+        out = tmp_path / count
+        result = train(oldest, out, "--max-steps", "1", "--lr", "0", "--checkpoint-layers", count)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert f"checkpointing on {shown} layers" in result.stdout
+        steps[count] = first_step(out)
+    for count in ("1", "0"):
+        assert steps[count] == pytest.approx(steps["all"], rel=1e-5), count
+    result = train(oldest, tmp_path / "bad", "--max-steps", "1", "--checkpoint-layers", "3")
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert errors == ["error: --checkpoint-layers 3: the model has 2 decoder layers"]
+    assert not (tmp_path / "bad" / "log.jsonl").exists()

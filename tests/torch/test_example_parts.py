@@ -276,3 +276,49 @@ def test_wide_attention_auto_chunks_long_gpu_sequences_only() -> None:
     assert wide_attention_choice("auto", False, 4096) == "sdpa"
     assert wide_attention_choice("flex", False, 128) == "flex"
     assert wide_attention_choice("sdpa", True, 4096) == "sdpa"
+
+
+def counting(checkpoint, calls: list[int], index: int):
+    def counted(*args, **kwargs):
+        calls.append(index)
+        return checkpoint(*args, **kwargs)
+
+    return counted
+
+
+def test_layers_past_the_checkpointed_count_keep_their_activations(monkeypatch) -> None:
+    """enable_checkpointing(model, 1) on a three-layer model: only the first layer runs
+    through torch.utils.checkpoint in a training forward, the others keep their activations,
+    and the gradients equal those of checkpointing every layer."""
+    from tiny_gemma4 import text_config
+    from train_gemma4_qlora import enable_checkpointing
+    from transformers import Gemma4ForCausalLM
+
+    torch.manual_seed(0)
+    ids = torch.randint(0, 64, (1, 12))
+    grads = {}
+    for count in (None, 1):
+        torch.manual_seed(1)
+        config = text_config(
+            num_hidden_layers=3,
+            layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        )
+        model = Gemma4ForCausalLM(config).float().train()
+        assert enable_checkpointing(model, count) == (3 if count is None else count)
+        layers = model.model.layers
+        assert [layer.gradient_checkpointing for layer in layers] == (
+            [True] * 3 if count is None else [True, False, False]
+        )
+        calls: list[int] = []
+        for index, layer in enumerate(layers):
+            monkeypatch.setattr(
+                layer,
+                "_gradient_checkpointing_func",
+                counting(layer._gradient_checkpointing_func, calls, index),
+            )
+        model(input_ids=ids, labels=ids).loss.backward()
+        assert calls == ([0, 1, 2] if count is None else [0])
+        grads[count] = [p.grad for p in model.parameters() if p.grad is not None]
+    assert len(grads[None]) == len(grads[1]) > 0
+    for with_all, with_one in zip(grads[None], grads[1], strict=True):
+        torch.testing.assert_close(with_one, with_all, rtol=1e-5, atol=1e-7)
