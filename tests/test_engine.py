@@ -57,6 +57,7 @@ def test_check_reports_pending_with_documented_json(synthetic_site: Path, cli) -
         "P17": "pending",
         "P18": "pending",
         "P19": "pending",
+        "P20": "pending",
     }
     assert report["patches"][0]["installed_version"] == "0.49.2"
 
@@ -81,6 +82,7 @@ def test_apply_verify_revert_round_trip(synthetic_site: Path, cli) -> None:
         "P17": "applied",
         "P18": "applied",
         "P19": "applied",
+        "P20": "applied",
     }
     assert sorted(applied.json["written"]) == EVERY_FILE
     assert "# stackpatch P10" in (synthetic_site / MODELING).read_text()
@@ -145,15 +147,16 @@ def test_only_and_skip_select_patches(synthetic_site: Path, cli) -> None:
         "P17": "pending",
         "P18": "pending",
         "P19": "pending",
+        "P20": "pending",
     }
     assert (
-        cli("--verify", "--skip", "P2,P3,P11,P12,P13,P14,P15,P16,P17,P18,P19", "-q", *site).code
+        cli("--verify", "--skip", "P2,P3,P11,P12,P13,P14,P15,P16,P17,P18,P19,P20", "-q", *site).code
         == 0
     )
     skipped = cli("--check", "--json", "--skip", "P10,P1", *site).json["patches"]
     assert [p["id"] for p in skipped] == [
         "P2", "P3", "P4", "P5", "P6", "P7", "P8", "P9", "P11", "P12", "P13", "P14", "P15", "P16",
-        "P17", "P18", "P19",
+        "P17", "P18", "P19", "P20",
     ]  # fmt: skip
 
 
@@ -177,6 +180,7 @@ def test_partial_revert_keeps_other_files(synthetic_site: Path, cli) -> None:
         "P17": "applied",
         "P18": "applied",
         "P19": "applied",
+        "P20": "applied",
     }
 
 

@@ -55,6 +55,7 @@ def test_old_stack_full_cycle(install, cli) -> None:
         "P17": "pending",
         "P18": "pending",
         "P19": "pending",
+        "P20": "pending",
     }
     assert check.json["environment"]["packages"] == {
         "bitsandbytes": "0.49.2",
@@ -84,6 +85,7 @@ def test_old_stack_full_cycle(install, cli) -> None:
         "P17": "applied",
         "P18": "drifted",
         "P19": "applied",
+        "P20": "applied",
     }
 
     assert cli("--apply", "-q", *args).code == 0
@@ -121,6 +123,7 @@ def test_new_stack_needs_the_peft_bnb_and_experts_patches(install, cli) -> None:
         "P17": "pending",
         "P18": "fixed-upstream",
         "P19": "pending",
+        "P20": "pending",
     }
     assert cli("--verify", "-q", *args).code == 1
     apply = cli("--apply", "--json", *args)
@@ -208,6 +211,7 @@ def test_python_option_targets_another_environment(tmp_path: Path) -> None:
         "P17": "not-installed",
         "P18": "pending",
         "P19": "pending",
+        "P20": "pending",
     }
 
     assert run_cli_process("--apply", "-q", "--python", str(python)).code == 0

@@ -118,6 +118,7 @@ def test_against_requirements_says_what_an_upgrade_changes(install, cli, tool_ca
         "P17@0.50.2": ("pending", "pending"),
         "P18@5.6.0": ("pending", "pending"),
         "P19@5.6.0": ("pending", "pending"),
+        "P20@5.6.0": ("pending", "pending"),
     }
     assert rows["P10@5.6.0"]["change"] == "no longer needed after upgrading"
     assert rows["P13@5.6.0"]["change"] == "still needed: run --apply after upgrading"
@@ -222,6 +223,7 @@ def test_matrix_reproduces_the_known_facts_and_is_cached(
     assert all(cells["P13", v] == "pending" for v in transformers)
     assert all(cells["P16", v] == "pending" for v in transformers)
     assert all(cells["P19", v] == "pending" for v in transformers)
+    assert all(cells["P20", v] == "pending" for v in transformers)
     # P18: upstream sorted the layer types in 5.16.
     fixed_in = transformers.index("5.16.1")
     assert all(cells["P18", v] == "pending" for v in transformers[:fixed_in])

@@ -22,7 +22,7 @@ GPU_ONLY = "P2"
 # P17's bug lives in the AVX-512 branch of bitsandbytes' native CPU library, which only a
 # CPU with AVX-512F takes: test_p17_reproducer_on_this_cpu checks what this CPU can show.
 AVX512_ONLY = "P17"
-CPU_REPRODUCERS = {"P10", "P11", "P12", "P13", "P14", "P15", "P16", "P18", "P19"}
+CPU_REPRODUCERS = {"P10", "P11", "P12", "P13", "P14", "P15", "P16", "P18", "P19", "P20"}
 
 
 def validate(stack: str, records: Path, *only: str) -> tuple[int, dict[str, dict], str]:
@@ -65,6 +65,9 @@ def test_oldest_stack_shows_bug_then_fix(tmp_path: Path) -> None:
     # P19: the checkpoint's pages stay resident until loading ends, unpatched.
     assert "every page read stays mapped" in records["P19"]["before"]["error"]
     assert "pages leave once it is copied" in records["P19"]["after"]["error"]
+    # P20: a converter copied per checkpoint key of a 4-bit checkpoint, most never used.
+    assert "80 of them never used" in records["P20"]["before"]["error"]
+    assert "one copy per converted parameter" in records["P20"]["after"]["error"]
 
 
 def test_newest_stack(tmp_path: Path) -> None:
@@ -96,6 +99,9 @@ def test_newest_stack(tmp_path: Path) -> None:
     # transformers 5.23.0 still keeps every page of the checkpoint it has read resident.
     assert records["P19"]["before"]["outcome"] == "bug"
     assert records["P19"]["after"]["outcome"] == "fine"
+    # ... and copies a weight converter for every key of a 4-bit checkpoint.
+    assert records["P20"]["before"]["outcome"] == "bug"
+    assert records["P20"]["after"]["outcome"] == "fine"
 
 
 @pytest.mark.parametrize("stack", ["oldest", "newest"])
