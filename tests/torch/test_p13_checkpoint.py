@@ -486,7 +486,6 @@ def test_the_gpu_benchmark_runs_on_a_tiny_model(tmp_path) -> None:
             "--tiny",
             "--no-warm",
             "--profile",
-            "--compare-readahead",
             *arguments,
         ],
         capture_output=True,
