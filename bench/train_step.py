@@ -403,20 +403,6 @@ def liger_checks(lengths: tuple[int, ...]) -> list[dict]:
 # ------------------------------------------------------------------- the model runs
 
 
-def keep_activations(model):
-    """Every decoder layer out of gradient checkpointing (the example's --checkpoint-layers 0);
-    returns the undo."""
-    layers = [m for m in model.modules() if type(m).__name__ == "Gemma4TextDecoderLayer"]
-    for layer in layers:
-        layer.gradient_checkpointing = False
-
-    def undo() -> None:
-        for layer in layers:
-            layer.gradient_checkpointing = True
-
-    return undo
-
-
 class Switches:
     """Puts one loaded model into a configuration and back."""
 
@@ -431,7 +417,12 @@ class Switches:
 
     def apply(self, config: str, length: int) -> dict:
         import transformers.integrations.bitsandbytes as integration
-        from fast_paths import compile_decoder_layers, use_liger_kernels, use_wide_head_attention
+        from fast_paths import (
+            checkpoint_first_layers,
+            compile_decoder_layers,
+            use_liger_kernels,
+            use_wide_head_attention,
+        )
         from qlora_training import NonFiniteGuard
         from train_gemma4_qlora import wide_attention_choice
 
@@ -450,8 +441,8 @@ class Switches:
             self.wide = wide_attention_choice("auto", True, length)
             if self.wide != "sdpa":
                 self.undo.append(use_wide_head_attention(self.model, self.wide))
-        if config == "no-ckpt":
-            self.undo.append(keep_activations(self.model))
+        if config == "no-ckpt":  # the example's --checkpoint-layers 0
+            self.undo.append(checkpoint_first_layers(self.model, 0))
         if config == "compile":
             self.undo.append(compile_decoder_layers(self.model))
         return {

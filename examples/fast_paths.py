@@ -147,6 +147,22 @@ def _is_opaque(module: torch.nn.Module) -> bool:
     return type(module).__name__ in ("Linear4bit", "Linear8bitLt", "Gemma4TextExperts")
 
 
+def checkpoint_first_layers(model: torch.nn.Module, count: int) -> Undo:
+    """Gradient checkpointing stays on the language model's first `count` decoder layers and
+    goes off on the rest, which keep their activations from forward to backward instead of
+    running their forward again in backward; the undo restores each layer's setting."""
+    undo = Undo("checkpoint-layers")
+    for layer in language_modules(model, "Gemma4TextDecoderLayer")[count:]:
+        undo.add(
+            functools.partial(
+                setattr, layer, "gradient_checkpointing", layer.gradient_checkpointing
+            )
+        )
+        layer.gradient_checkpointing = False
+        undo.count += 1
+    return undo
+
+
 def compile_decoder_layers(
     model: torch.nn.Module, dynamic: bool = True, backend: str = "inductor"
 ) -> Undo:

@@ -22,7 +22,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path[:0] = [str(HERE), str(ROOT)]
 
-from fast_paths import WIDE_KERNELS  # noqa: E402  (after the path set-up above)
+from fast_paths import WIDE_KERNELS, checkpoint_first_layers  # noqa: E402  (after the path set-up above)
 
 # From here the chunked wide-head attention beats SDPA's kernel (bench/results/train_step.md).
 CHUNKED_WIDE_FROM = 1024
@@ -233,11 +233,12 @@ def enable_checkpointing(model, count: int | None = None) -> int:
     layers = [m for m in model.modules() if type(m).__name__ == "Gemma4TextDecoderLayer"]
     if not layers or not all(getattr(m, "gradient_checkpointing", False) for m in layers):
         fail("gradient checkpointing did not switch on for the decoder layers")
-    if count is not None and count > len(layers):
+    if count is None:
+        return len(layers)
+    if count > len(layers):
         fail(f"--checkpoint-layers {count}: the model has {len(layers)} decoder layers")
-    for layer in layers[count:] if count is not None else ():
-        layer.gradient_checkpointing = False
-    return len(layers) if count is None else count
+    checkpoint_first_layers(model, count)
+    return count
 
 
 def add_lora(model, args: argparse.Namespace):
